@@ -1,0 +1,354 @@
+"""The torch backend: our own forward pass over a Hugging Face Qwen2/Llama model's weights.
+
+What belongs here: the layer math (attention with our KV cache, rope, MLP) and the checks on
+arguments. What does not: the cache's storage (`_kvcache.py`), sampling or generation loops.
+
+Design follows gpt-fast: one small, readable forward with shapes commented and asserted.
+Every forward is ragged-batched: the new tokens of all sequences are concatenated into one
+[N, hidden] activation, so each projection and MLP reads its weights once per step for the
+whole batch (decode on a CPU is memory-bound, so this is where server throughput comes
+from); only attention runs per sequence, against that sequence's own cache. `extend` and
+`run_layers` are the one-sequence case of the same code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from tether.errors import ConfigurationError, RuntimeStateError
+from tether.runtime._base import KVState, LayerwiseLM, ModelInfo
+from tether.runtime._kvcache import TorchKVState
+
+if TYPE_CHECKING:  # importing transformers costs seconds; only the type checker needs it
+    from transformers import PreTrainedModel
+
+SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """[..., d] -> [..., d]: (x1, x2) -> (-x2, x1), the rope convention of HF Qwen2/Llama."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _eos_token_ids(hf_model: Any) -> tuple[int, ...]:
+    """End-of-sequence ids as `generate` would use them: generation_config first, then config."""
+    generation_config = getattr(hf_model, "generation_config", None)
+    raw = getattr(generation_config, "eos_token_id", None)
+    if raw is None:
+        raw = getattr(hf_model.config, "eos_token_id", None)
+    if raw is None:
+        return ()
+    ids = [raw] if isinstance(raw, int) else list(raw)
+    return tuple(dict.fromkeys(int(i) for i in ids))  # dedupe, keep order
+
+
+class TorchCausalLM(LayerwiseLM):
+    """A `LayerwiseLM` running a loaded Hugging Face Qwen2 or Llama causal LM with PyTorch.
+
+    The weights stay in (and are shared with) the HF model; nothing is copied. Compute
+    runs in the model's dtype (fp32 or bf16) under `torch.inference_mode()`; logits are
+    returned as float32 on the CPU. The HF model's own `rotary_emb` supplies cos/sin, so
+    its rope scaling variant (llama3, yarn, dynamic...) is honoured.
+
+    Args:
+        hf_model: a `Qwen2ForCausalLM` or `LlamaForCausalLM` (or any model with the same
+            module layout: `model.embed_tokens`, `model.layers[i].{input_layernorm,
+            self_attn.{q,k,v,o}_proj, post_attention_layernorm, mlp}`, `model.norm`,
+            `model.rotary_emb`, `lm_head`). It is not modified.
+        name: the name reported in `info.name` and in error messages; defaults to the
+            config's `_name_or_path`, else its `model_type`.
+        max_positions: the most positions one sequence may hold; defaults to (and may
+            not exceed) the config's `max_position_embeddings`.
+
+    Raises:
+        ConfigurationError: the architecture is not supported (another model type, or
+            sliding-window attention layers), or `max_positions` is out of range.
+    """
+
+    def __init__(
+        self, hf_model: PreTrainedModel, *, name: str | None = None, max_positions: int | None = None
+    ) -> None:
+        config = hf_model.config
+        model_type = getattr(config, "model_type", None)
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigurationError(
+                f"TorchCausalLM supports model types {SUPPORTED_MODEL_TYPES}, got {model_type!r}"
+            )
+        layer_types = getattr(config, "layer_types", None) or ()
+        if any(t != "full_attention" for t in layer_types):
+            # Qwen2 can enable sliding-window layers; our cache keeps every position.
+            raise ConfigurationError(
+                f"TorchCausalLM supports full attention only; this config has layer types "
+                f"{sorted(set(layer_types))}"
+            )
+        limit = int(config.max_position_embeddings)
+        if max_positions is None:
+            max_positions = limit
+        if not 0 < max_positions <= limit:
+            raise ConfigurationError(
+                f"max_positions must be in [1, {limit}] for this model, got {max_positions}"
+            )
+
+        decoder = hf_model.model
+        self._hf_model = hf_model  # keeps the weights alive for as long as we use them
+        self._embed_tokens: torch.nn.Module = decoder.embed_tokens
+        self._layers: list[torch.nn.Module] = list(decoder.layers)
+        self._norm: torch.nn.Module = decoder.norm
+        self._rotary_emb: torch.nn.Module = decoder.rotary_emb
+        self._lm_head: torch.nn.Module = hf_model.lm_head
+
+        attn = self._layers[0].self_attn
+        self._num_heads = int(config.num_attention_heads)
+        self._num_kv_heads = int(config.num_key_value_heads)
+        self._head_dim = int(attn.head_dim)
+        self._groups = self._num_heads // self._num_kv_heads  # query heads per kv head (GQA)
+        self._scaling = float(attn.scaling)
+        weight = self._embed_tokens.weight
+        self._dtype: torch.dtype = weight.dtype
+        self._device: torch.device = weight.device
+        assert self._groups * self._num_kv_heads == self._num_heads
+
+        self.info = ModelInfo(
+            name=name or getattr(config, "_name_or_path", "") or str(model_type),
+            vocab_size=int(config.vocab_size),
+            num_layers=len(self._layers),
+            hidden_size=int(config.hidden_size),
+            eos_token_ids=_eos_token_ids(hf_model),
+            max_positions=max_positions,
+        )
+
+    def __repr__(self) -> str:
+        return f"TorchCausalLM({self.info.name!r}, dtype={self._dtype}, layers={self.info.num_layers})"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype (the model's weight dtype)."""
+        return self._dtype
+
+    # -- states ---------------------------------------------------------------------------
+
+    def new_state(self) -> TorchKVState:
+        """Return an empty cache for a new sequence (allocates nothing until a layer runs)."""
+        return TorchKVState(
+            owner=self,
+            owner_name=self.info.name,
+            num_layers=self.info.num_layers,
+            num_kv_heads=self._num_kv_heads,
+            head_dim=self._head_dim,
+            dtype=self._dtype,
+            device=self._device,
+            max_positions=self.info.max_positions,
+        )
+
+    def _own(self, state: KVState) -> TorchKVState:
+        """`state` as ours, or `RuntimeStateError` (another backend, another model, released)."""
+        if not isinstance(state, TorchKVState):
+            raise RuntimeStateError(
+                f"model {self.info.name!r} needs a state from its own new_state(), "
+                f"got {type(state).__name__}"
+            )
+        state.check_usable_by(self, self.info.name)
+        return state
+
+    def truncate(self, state: KVState, length: int) -> None:
+        """Roll `state` back to its first `length` positions in O(1) (nothing is freed).
+
+        Raises:
+            RuntimeStateError: wrong/released state, or `length` negative or beyond its length.
+        """
+        self._own(state).truncate(length)
+
+    @torch.inference_mode()
+    def fork(self, state: KVState) -> TorchKVState:
+        """Return an independent copy of `state` (the held positions are copied)."""
+        return self._own(state).fork()
+
+    def release(self, state: KVState) -> None:
+        """Free the cache memory; any later use of `state` raises `RuntimeStateError`."""
+        if isinstance(state, TorchKVState) and state.released:
+            return  # releasing twice is harmless
+        self._own(state).release()
+
+    # -- the model pieces ---------------------------------------------------------------
+
+    def _token_tensor(self, token_ids: Sequence[int]) -> torch.Tensor:
+        ids = torch.as_tensor(token_ids, dtype=torch.long)
+        if ids.ndim != 1:
+            raise ConfigurationError(f"token ids must be 1-D, got shape {tuple(ids.shape)}")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.info.vocab_size):
+            raise ConfigurationError(
+                f"token ids must be in [0, {self.info.vocab_size}) for model {self.info.name!r}, "
+                f"got values from {int(ids.min())} to {int(ids.max())}"
+            )
+        return ids.to(self._device)
+
+    @torch.inference_mode()
+    def embed(self, token_ids: Sequence[int]) -> torch.Tensor:
+        """Token embeddings, [n, hidden_size] in the model dtype.
+
+        Raises:
+            ConfigurationError: ids not 1-D or outside [0, vocab_size).
+        """
+        out: torch.Tensor = self._embed_tokens(self._token_tensor(token_ids))
+        return out
+
+    @torch.inference_mode()
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head: [n, hidden_size] -> [n, vocab_size] float32 logits on the CPU."""
+        hidden = self._check_hidden(hidden)
+        logits: torch.Tensor = self._lm_head(self._norm(hidden))
+        return logits.float().cpu()
+
+    def _check_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        if hidden.ndim != 2 or hidden.shape[1] != self.info.hidden_size:
+            raise ConfigurationError(
+                f"hidden states must be [n, {self.info.hidden_size}], got {tuple(hidden.shape)}"
+            )
+        # Activations may arrive over the wire in another dtype; compute in ours.
+        return hidden.to(device=self._device, dtype=self._dtype)
+
+    @torch.inference_mode()
+    def run_layers(
+        self, state: KVState, hidden: torch.Tensor, start: int, stop: int
+    ) -> torch.Tensor:
+        """Run decoder layers [start, stop) on `hidden` [n, hidden_size] for the next n positions.
+
+        Positions continue from what `state` holds at layer `start`; layers [start, stop)
+        must all hold that many. A state may serve only a suffix [k, L) of the layers.
+
+        Returns:
+            [n, hidden_size] in the model dtype.
+
+        Raises:
+            ConfigurationError: bad layer range or hidden shape.
+            RuntimeStateError: wrong/released state, layers of the range out of step,
+                or `max_positions` would be exceeded. The state is unchanged.
+        """
+        if not 0 <= start <= stop <= self.info.num_layers:
+            raise ConfigurationError(
+                f"layer range [{start}, {stop}) is not within [0, {self.info.num_layers})"
+            )
+        own = self._own(state)
+        hidden = self._check_hidden(hidden)
+        return self._forward([own], hidden, [hidden.shape[0]], start, stop)
+
+    @torch.inference_mode()
+    def extend(self, state: KVState, token_ids: Sequence[int]) -> torch.Tensor:
+        """Append `token_ids` to the sequence; return [len(token_ids), vocab_size] float32 logits.
+
+        Raises:
+            RuntimeStateError: wrong/released state or `max_positions` exceeded (state unchanged).
+            ConfigurationError: token ids out of range.
+        """
+        return self.extend_batch([state], [token_ids])[0]
+
+    @torch.inference_mode()
+    def extend_batch(
+        self, states: Sequence[KVState], token_ids: Sequence[Sequence[int]]
+    ) -> list[torch.Tensor]:
+        """Extend several sequences in one ragged forward pass; one logits tensor per sequence.
+
+        The new tokens of every sequence (any number each, zero included) go through the
+        projections and MLPs together; attention runs per sequence over its own cache.
+        Equal to `extend` on each in turn, within float tolerance.
+
+        Raises:
+            RuntimeStateError: a state is wrong/released/repeated, or would exceed
+                `max_positions`; no state is changed.
+            ConfigurationError: token ids out of range, or lengths of the arguments differ.
+        """
+        if len(states) != len(token_ids):
+            raise ConfigurationError(
+                f"extend_batch got {len(states)} states but {len(token_ids)} token lists"
+            )
+        owned = [self._own(s) for s in states]
+        if len({id(s) for s in owned}) != len(owned):
+            raise RuntimeStateError("extend_batch got the same state twice; fork() it first")
+        ids = [self._token_tensor(t) for t in token_ids]
+        seq_lens = [int(t.shape[0]) for t in ids]
+        hidden = self._embed_tokens(torch.cat(ids)) if ids else None
+        if hidden is None or hidden.shape[0] == 0:
+            for s in owned:  # still validate, so misuse does not pass silently
+                s.start_length(0, self.info.num_layers, 0)
+            return [torch.empty(0, self.info.vocab_size) for _ in owned]
+        hidden = self._forward(owned, hidden, seq_lens, 0, self.info.num_layers)
+        logits = self.head(hidden)  # [N, vocab]
+        return list(logits.split(seq_lens))
+
+    # -- the forward pass -----------------------------------------------------------------
+
+    def _forward(
+        self,
+        states: list[TorchKVState],
+        hidden: torch.Tensor,
+        seq_lens: list[int],
+        start: int,
+        stop: int,
+    ) -> torch.Tensor:
+        """Layers [start, stop) over the ragged batch `hidden` [N, H], N = sum(seq_lens)."""
+        total = hidden.shape[0]
+        assert total == sum(seq_lens) and hidden.shape[1] == self.info.hidden_size
+        # All checks happen before the first write, so a failure leaves every state intact.
+        pasts = [s.start_length(start, stop, n) for s, n in zip(states, seq_lens, strict=True)]
+        if total == 0 or start == stop:
+            return hidden
+        device = self._device
+        n_heads, n_kv, d, g = self._num_heads, self._num_kv_heads, self._head_dim, self._groups
+
+        # Positions of the new tokens, sequence after sequence: [N].
+        positions = torch.cat([torch.arange(p, p + n, device=device) for p, n in zip(pasts, seq_lens)])
+        cos, sin = self._rotary_emb(hidden, positions[None])  # each [1, N, D]
+        cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [N, 1, D], broadcast over heads
+
+        # Causal masks with an offset, one per sequence, shared by all layers: new token t
+        # (at position past + t) sees cached+new keys 0..past+t. A single new token sees
+        # everything, so it needs no mask. Query rows are folded as [kv head, group*n] (see
+        # below), so the [n, L] mask is repeated per group -> [g*n, L].
+        masks: list[torch.Tensor | None] = []
+        for past, n in zip(pasts, seq_lens):
+            if n <= 1:
+                masks.append(None)
+                continue
+            key_pos = torch.arange(past + n, device=device)  # [L]
+            query_pos = torch.arange(past, past + n, device=device)  # [n]
+            masks.append((key_pos[None, :] <= query_pos[:, None]).repeat(g, 1))  # [g*n, L]
+
+        for layer_index in range(start, stop):
+            layer = self._layers[layer_index]
+            attn = layer.self_attn
+            x = layer.input_layernorm(hidden)  # [N, H]
+            q = attn.q_proj(x).view(total, n_heads, d)  # [N, Hq, D]
+            k = attn.k_proj(x).view(total, n_kv, d)  # [N, Hkv, D]
+            v = attn.v_proj(x).view(total, n_kv, d)  # [N, Hkv, D]
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+
+            outputs: list[torch.Tensor] = []
+            offset = 0
+            for state, n, mask in zip(states, seq_lens, masks):
+                if n == 0:
+                    continue
+                rows = slice(offset, offset + n)
+                offset += n
+                keys, values = state.append(
+                    layer_index, k[rows].transpose(0, 1), v[rows].transpose(0, 1)
+                )  # each [Hkv, L, D], L = past + n
+                # GQA without copying the cache: query head h uses kv head h // g, so view the
+                # queries as [Hkv, g*n, D] and attend each kv head once (HF's repeat_kv would
+                # copy K and V g times per layer and step).
+                q_seq = q[rows].view(n, n_kv, g, d).permute(1, 2, 0, 3).reshape(1, n_kv, g * n, d)
+                # 4-D on purpose: torch's CPU flash kernel takes [B, H, T, D]; 3-D inputs fall
+                # back to the math path, 2-4x slower here (and far worse for one kv head).
+                out = F.scaled_dot_product_attention(
+                    q_seq, keys[None], values[None], attn_mask=mask, scale=self._scaling
+                )  # [1, Hkv, g*n, D]
+                outputs.append(out.view(n_kv, g, n, d).permute(2, 0, 1, 3).reshape(n, n_heads * d))
+            attended = outputs[0] if len(outputs) == 1 else torch.cat(outputs)  # [N, Hq*D]
+            hidden = hidden + attn.o_proj(attended)
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return hidden
