@@ -14,7 +14,7 @@ from tether.errors import ConfigurationError
 from tether.runtime._base import CausalLM
 
 #: Backend names `load_runtime` accepts.
-BACKENDS: Final[tuple[str, ...]] = ("torch", "onnx-fp32", "onnx-int8", "onnx-int4")
+RUNTIME_BACKENDS: Final[tuple[str, ...]] = ("torch", "onnx-fp32", "onnx-int8", "onnx-int4")
 
 
 def load_runtime(
@@ -44,9 +44,9 @@ def load_runtime(
             that is not a model directory.
         ModelError: the weights are missing or could not be prepared or loaded.
     """
-    if backend not in BACKENDS:
+    if backend not in RUNTIME_BACKENDS:
         raise ConfigurationError(
-            f"unknown runtime backend {backend!r}; valid backends: {', '.join(BACKENDS)}"
+            f"unknown runtime backend {backend!r}; valid backends: {', '.join(RUNTIME_BACKENDS)}"
         )
     path = Path(name_or_path)
     is_dir = path.is_dir()

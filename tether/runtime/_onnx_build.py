@@ -35,7 +35,7 @@ from tether.paths import cache_dir
 Precision = Literal["fp32", "int8", "int4"]
 
 #: Precisions the CPU build supports: fp32 weights, or weight-only MatMulNBits 8/4-bit.
-PRECISIONS: Final[tuple[str, ...]] = ("fp32", "int8", "int4")
+ONNX_PRECISIONS: Final[tuple[str, ...]] = ("fp32", "int8", "int4")
 
 BUILD_INFO: Final = "build.json"
 HF_CONFIG: Final = "hf_config.json"
@@ -152,9 +152,9 @@ def read_build_info(build_dir: Path) -> dict[str, object]:
 
 
 def _check_precision(precision: str) -> None:
-    if precision not in PRECISIONS:
+    if precision not in ONNX_PRECISIONS:
         raise ConfigurationError(
-            f"unknown ONNX precision {precision!r}; valid precisions: {', '.join(PRECISIONS)}"
+            f"unknown ONNX precision {precision!r}; valid precisions: {', '.join(ONNX_PRECISIONS)}"
         )
 
 
