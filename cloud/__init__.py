@@ -20,6 +20,8 @@ from tether.cloud._api import (
     VerifyResult,
     as_messages,
 )
+from tether.cloud._batcher import Batcher, ForwardOutput
+from tether.cloud._config import CloudConfig
 from tether.cloud._errors import (
     BackendError,
     CloudError,
@@ -31,28 +33,39 @@ from tether.cloud._errors import (
     UnsupportedOperation,
     error_from_code,
 )
+from tether.cloud._manager import SessionManager, kv_bytes_per_token
+from tether.cloud._metrics import Metrics
+from tether.cloud._session import CloudSession, SessionStatus
 
 __all__ = [
     "BackendError",
+    "Batcher",
     "Capabilities",
     "ChatMessage",
     "ChatResult",
+    "CloudConfig",
     "CloudError",
+    "CloudSession",
     "CloudSessionAPI",
     "FinishReason",
+    "ForwardOutput",
     "GenerateChunk",
     "HiddenResult",
     "InvalidRequest",
+    "Metrics",
     "SamplingParams",
     "ScoreResult",
     "ServerOverloaded",
     "SessionEvicted",
     "SessionInfo",
     "SessionLimitExceeded",
+    "SessionManager",
     "SessionNotOpen",
+    "SessionStatus",
     "SparseProbs",
     "UnsupportedOperation",
     "VerifyResult",
     "as_messages",
     "error_from_code",
+    "kv_bytes_per_token",
 ]

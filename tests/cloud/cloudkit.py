@@ -1,0 +1,62 @@
+"""Helpers shared by the cloud tests: tiny models, a byte-level tokenizer with a chat template."""
+
+from __future__ import annotations
+
+import torch
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_byte_tokenizer():  # type: ignore[no-untyped-def]
+    """A byte-level tokenizer: ids 0..255 are bytes, then <|endoftext|>, <|im_start|>, <|im_end|>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = ByteLevel.alphabet()
+    byte_to_unicode = sorted(alphabet)
+    vocab = {ch: i for i, ch in enumerate(byte_to_unicode)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+BYTE_VOCAB = 259
+BYTE_EOS = 258
+
+
+def build_tiny_byte_model(seed: int = 0, *, vocab: int = BYTE_VOCAB, head_scale: float = 20.0, layers: int = 4):  # type: ignore[no-untyped-def]
+    """A tiny Qwen2 over a small vocabulary (eos = last id)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        rope_theta=1_000_000.0, tie_word_embeddings=False,
+        bos_token_id=0, eos_token_id=vocab - 1, pad_token_id=0,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(head_scale)
+    return model.eval()
+
+
+def greedy_reference(model, prompt: list[int], n: int) -> list[int]:  # type: ignore[no-untyped-def]
+    """The model's own greedy continuation, one token per forward pass."""
+    state = model.new_state()
+    logits = model.extend(state, prompt)
+    out: list[int] = []
+    for _ in range(n):
+        t = int(logits[-1].argmax())
+        out.append(t)
+        logits = model.extend(state, [t])
+    model.release(state)
+    return out
