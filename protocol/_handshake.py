@@ -1,0 +1,177 @@
+"""Handshake flows: the client and server sides of XX and IK as generators.
+
+What belongs here: the order of handshake messages, the preamble and prologue, and what
+each handshake payload carries. Flows are generators (httpx's `auth_flow` habit): they
+yield `bytes` to send or `None` to ask for the next received message, get that message
+back through `.send()`, and return a `HandshakeResult`. No I/O, no policy decisions
+(who is admitted is decided by the caller from the result).
+
+First client message = preamble (8 bytes, clear) + Noise message 1:
+
+    preamble = b"TTHR" | u8 protocol version (1) | u8 pattern (1 XX, 2 IK) | u16 0
+    prologue = b"tether-noise-v1\\x00" + preamble
+
+Both sides mix the same prologue into the handshake hash, the server from the bytes it
+received: if anything on the path rewrites the preamble (a downgrade to another version
+or pattern), the handshake fails authentication.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Generator
+from dataclasses import dataclass
+
+from tether.protocol._cipher import CipherState
+from tether.protocol._errors import HandshakeError, ProtocolError, ServerKeyMismatch, VersionMismatch
+from tether.protocol._frames import decode_frame, encode_frame
+from tether.protocol._keys import KeyPair, PublicKey
+from tether.protocol._limits import Limits
+from tether.protocol._messages import Hello
+from tether.protocol._noise import IK, XX, HandshakePattern, HandshakeState
+
+__all__ = [
+    "MAGIC",
+    "PREAMBLE",
+    "PROLOGUE_PREFIX",
+    "PROTOCOL_VERSION",
+    "HandshakeResult",
+    "client_handshake",
+    "server_handshake",
+]
+
+MAGIC = b"TTHR"
+PROTOCOL_VERSION = 1
+PREAMBLE = struct.Struct("<4sBBH")
+PROLOGUE_PREFIX = b"tether-noise-v1\x00"
+PATTERN_IDS: dict[str, int] = {"XX": 1, "IK": 2}
+PATTERNS_BY_ID: dict[int, HandshakePattern] = {1: XX, 2: IK}
+MAX_HELLO_BYTES = 16 * 1024
+
+Flow = Generator["bytes | None", "bytes | None", "HandshakeResult"]
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeResult:
+    """What a finished handshake yields: transport ciphers and the peer's identity."""
+
+    send: CipherState
+    receive: CipherState
+    peer: PublicKey
+    handshake_hash: bytes
+    pattern: str
+    hello: Hello | None = None  # server side: the client's Hello
+
+
+def preamble(pattern: str, version: int = PROTOCOL_VERSION) -> bytes:
+    return PREAMBLE.pack(MAGIC, version, PATTERN_IDS[pattern], 0)
+
+
+def _received(data: bytes | None) -> bytes:
+    if data is None:
+        raise HandshakeError("handshake flow resumed without data")
+    return data
+
+
+def client_handshake(
+    keys: KeyPair,
+    server_key: PublicKey,
+    hello: Hello,
+    *,
+    pattern: str = "IK",
+    version: int = PROTOCOL_VERSION,
+    prologue_prefix: bytes = PROLOGUE_PREFIX,
+) -> Flow:
+    """Initiator flow. XX: -> e; <- e, ee, s, es; -> s, se (+Hello). IK: -> e, es, s, ss (+Hello); <- e, ee, se.
+
+    Raises (out of the generator):
+        ServerKeyMismatch: XX only: the server presented a key other than `server_key`.
+        HandshakeError: a handshake message failed to parse or authenticate.
+    """
+    if pattern not in PATTERN_IDS:
+        raise VersionMismatch(f"unknown handshake pattern {pattern!r}")
+    head = preamble(pattern, version)
+    noise_pattern = PATTERNS_BY_ID[PATTERN_IDS[pattern]]
+    state = HandshakeState(
+        noise_pattern,
+        initiator=True,
+        prologue=prologue_prefix + head,
+        s=keys.private_key,
+        rs=server_key.raw if pattern == "IK" else None,
+    )
+    hello_bytes = encode_frame(hello).tobytes()
+    if pattern == "XX":
+        yield head + state.write_message(b"")
+        payload = state.read_message(_received((yield None)))
+        if payload:
+            raise HandshakeError("unexpected payload in handshake message 2")
+        assert state.rs is not None
+        presented = PublicKey(state.rs)
+        if presented != server_key:
+            raise ServerKeyMismatch(server_key.fingerprint, presented.fingerprint)
+        yield state.write_message(hello_bytes)
+    else:
+        yield head + state.write_message(hello_bytes)
+        payload = state.read_message(_received((yield None)))
+        if payload:
+            raise HandshakeError("unexpected payload in handshake message 2")
+    send, receive = state.split()
+    return HandshakeResult(send, receive, server_key, state.handshake_hash, pattern)
+
+
+def probe_server_key(*, version: int = PROTOCOL_VERSION) -> Generator[bytes | None, bytes | None, PublicKey]:
+    """Read the server's static key with the first two XX messages, revealing nothing of ours.
+
+    Used after an IK handshake is refused, to tell a wrong pinned key (ServerKeyMismatch
+    naming both fingerprints) from other failures. The flow stops before message 3, so the
+    client's static key is never sent.
+    """
+    head = preamble("XX", version)
+    state = HandshakeState(XX, initiator=True, prologue=PROLOGUE_PREFIX + head, s=KeyPair.generate().private_key)
+    yield head + state.write_message(b"")
+    state.read_message(_received((yield None)))
+    assert state.rs is not None
+    return PublicKey(state.rs)
+
+
+def server_handshake(keys: KeyPair, *, limits: Limits, patterns: tuple[str, ...] = ("XX", "IK")) -> Flow:
+    """Responder flow for either pattern, chosen by the client's preamble.
+
+    Raises (out of the generator):
+        VersionMismatch: unsupported version or pattern in the preamble.
+        HandshakeError: malformed or unauthentic handshake message, or malformed Hello.
+    """
+    first = _received((yield None))
+    if len(first) < PREAMBLE.size:
+        raise HandshakeError("first handshake message too short")
+    magic, version, pattern_id, reserved = PREAMBLE.unpack_from(first, 0)
+    if magic != MAGIC:
+        raise HandshakeError("not a tether handshake")
+    if version != PROTOCOL_VERSION:
+        raise VersionMismatch(f"client offers protocol version {version}; this server speaks {PROTOCOL_VERSION}")
+    noise_pattern = PATTERNS_BY_ID.get(pattern_id)
+    if reserved or noise_pattern is None or noise_pattern.name not in patterns:
+        raise VersionMismatch(f"handshake pattern {pattern_id} is not offered by this server")
+    head = bytes(first[: PREAMBLE.size])
+    state = HandshakeState(noise_pattern, initiator=False, prologue=PROLOGUE_PREFIX + head, s=keys.private_key)
+    payload = state.read_message(bytes(first[PREAMBLE.size :]))
+    if noise_pattern is XX:
+        if payload:
+            raise HandshakeError("unexpected payload in handshake message 1")
+        yield state.write_message(b"")
+        hello_bytes = state.read_message(_received((yield None)))
+    else:
+        hello_bytes = payload
+        yield state.write_message(b"")
+    assert state.rs is not None
+    peer = PublicKey(state.rs)
+    if len(hello_bytes) > MAX_HELLO_BYTES:
+        raise HandshakeError(f"Hello of {len(hello_bytes)} bytes exceeds {MAX_HELLO_BYTES}")
+    try:
+        frame = decode_frame(hello_bytes, limits)
+    except ProtocolError as exc:
+        raise HandshakeError(f"malformed Hello: {exc}") from exc
+    if not isinstance(frame.message, Hello) or frame.request_id or frame.flags:
+        raise HandshakeError("the handshake payload must be a Hello")
+    receive, send = state.split()
+    return HandshakeResult(send, receive, peer, state.handshake_hash, noise_pattern.name, frame.message)

@@ -1,0 +1,216 @@
+"""Tensors on the wire: dtypes, the `Tensor` value type, and zero-copy decoding.
+
+What belongs here: how an array becomes raw little-endian bytes and back. Tensor data is
+never pickled or parsed: it is a buffer with a dtype and a shape, decoded with
+`np.frombuffer` (a view into the received frame, no copy).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+import numpy as np
+
+from tether.protocol._errors import InvalidMessage
+
+__all__ = ["DType", "Tensor", "bfloat16_to_float32", "float32_to_bfloat16"]
+
+
+class DType(IntEnum):
+    """Wire dtypes. Values are the byte stored in a tensor descriptor."""
+
+    FLOAT32 = 1
+    FLOAT16 = 2
+    BFLOAT16 = 3  # carried as uint16 bit patterns (numpy has no bfloat16)
+    INT8_ROWWISE = 4  # int8 values with one float32 scale per row (last axis = row)
+    INT32 = 5
+    INT64 = 6
+
+
+# Storage dtype of each wire dtype's values (always little-endian on the wire).
+STORAGE: dict[DType, np.dtype[Any]] = {
+    DType.FLOAT32: np.dtype("<f4"),
+    DType.FLOAT16: np.dtype("<f2"),
+    DType.BFLOAT16: np.dtype("<u2"),
+    DType.INT8_ROWWISE: np.dtype("i1"),
+    DType.INT32: np.dtype("<i4"),
+    DType.INT64: np.dtype("<i8"),
+}
+_FROM_NUMPY = {
+    np.dtype(np.float32): DType.FLOAT32,
+    np.dtype(np.float16): DType.FLOAT16,
+    np.dtype(np.int32): DType.INT32,
+    np.dtype(np.int64): DType.INT64,
+}
+SCALE_DTYPE = np.dtype("<f4")
+
+
+def wire_nbytes(dtype: DType, shape: tuple[int, ...]) -> int:
+    """Bytes a tensor of `dtype` and `shape` occupies on the wire (scales included)."""
+    elements = math.prod(shape)
+    nbytes = elements * STORAGE[dtype].itemsize
+    if dtype is DType.INT8_ROWWISE:
+        nbytes += rows_of(shape) * SCALE_DTYPE.itemsize
+    return nbytes
+
+
+def rows_of(shape: tuple[int, ...]) -> int:
+    """Rows of a row-wise quantized tensor: all axes but the last (1 for a vector)."""
+    return math.prod(shape[:-1])
+
+
+def float32_to_bfloat16(array: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16), round to nearest even; NaN stays NaN."""
+    bits = np.ascontiguousarray(array, dtype=np.float32).view(np.uint32)
+    rounding = ((bits >> 16) & 1) + np.uint32(0x7FFF)
+    rounded = ((bits + rounding) >> 16).astype(np.uint16)
+    nan = np.isnan(array)
+    if nan.any():
+        rounded = np.where(nan, np.uint16(0x7FC0), rounded)
+    return rounded
+
+
+def bfloat16_to_float32(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (uint16) -> float32, exact."""
+    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Tensor:
+    """An array in one of the wire dtypes.
+
+    Build with `Tensor.from_numpy(a)` (float32, float16, int32, int64), `Tensor.bfloat16(a)`
+    or `Tensor.int8_rowwise(a)`; read with `.numpy()` (float32 for bfloat16 and int8).
+
+    Attributes:
+        dtype: the wire dtype.
+        data: the stored values, shape = the tensor's shape: float32/float16/int32/int64
+            arrays as they are, uint16 bit patterns for BFLOAT16, int8 for INT8_ROWWISE.
+        scales: INT8_ROWWISE only: float32 of shape `shape[:-1]`, value = data * scale.
+
+    Decoded tensors are views into the received frame (zero copy); copy before keeping
+    them past the message's lifetime if the frame buffer must be released early.
+    """
+
+    dtype: DType
+    data: np.ndarray
+    scales: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        dtype = DType(self.dtype)
+        object.__setattr__(self, "dtype", dtype)
+        if not isinstance(self.data, np.ndarray):
+            raise InvalidMessage("Tensor.data must be a numpy array")
+        storage = STORAGE[dtype]
+        if self.data.dtype.newbyteorder("<") != storage and self.data.dtype != storage:
+            raise InvalidMessage(f"Tensor.data for {dtype.name} must be {storage}, got {self.data.dtype}")
+        if dtype is DType.INT8_ROWWISE:
+            if self.data.ndim < 1:
+                raise InvalidMessage("an INT8_ROWWISE tensor needs at least one axis")
+            if self.scales is None or not isinstance(self.scales, np.ndarray):
+                raise InvalidMessage("an INT8_ROWWISE tensor needs float32 scales")
+            if self.scales.dtype != np.float32 or self.scales.shape != self.data.shape[:-1]:
+                raise InvalidMessage(
+                    f"INT8_ROWWISE scales must be float32 of shape {self.data.shape[:-1]}, "
+                    f"got {self.scales.dtype} {self.scales.shape}"
+                )
+        elif self.scales is not None:
+            raise InvalidMessage(f"only INT8_ROWWISE tensors have scales, not {dtype.name}")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.data.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return wire_nbytes(self.dtype, self.shape)
+
+    @classmethod
+    def from_numpy(cls, array: np.ndarray) -> Tensor:
+        """Wrap a float32, float16, int32 or int64 array (no copy when already contiguous)."""
+        array = np.asarray(array)
+        dtype = _FROM_NUMPY.get(array.dtype.newbyteorder("=")) if array.dtype.byteorder != "|" else None
+        if dtype is None:
+            raise InvalidMessage(
+                f"no wire dtype for numpy {array.dtype}; use float32, float16, int32 or int64, "
+                "or Tensor.bfloat16 / Tensor.int8_rowwise"
+            )
+        return cls(dtype, array)
+
+    @classmethod
+    def bfloat16(cls, array: np.ndarray) -> Tensor:
+        """Round a float array to bfloat16 (nearest even)."""
+        return cls(DType.BFLOAT16, float32_to_bfloat16(np.asarray(array, dtype=np.float32)))
+
+    @classmethod
+    def int8_rowwise(cls, array: np.ndarray) -> Tensor:
+        """Symmetric per-row int8 quantization: scale = max|row| / 127 (1 for all-zero rows)."""
+        values = np.asarray(array, dtype=np.float32)
+        if values.ndim < 1:
+            raise InvalidMessage("int8_rowwise needs at least one axis")
+        peak = np.max(np.abs(values), axis=-1) if values.shape[-1] else np.zeros(values.shape[:-1], np.float32)
+        scales = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)
+        quantized = np.clip(np.rint(values / scales[..., None]), -127, 127).astype(np.int8)
+        return cls(DType.INT8_ROWWISE, quantized, np.asarray(scales, dtype=np.float32).reshape(values.shape[:-1]))
+
+    def numpy(self) -> np.ndarray:
+        """The values as numpy: native arrays as they are; BFLOAT16 and INT8_ROWWISE as float32."""
+        if self.dtype is DType.BFLOAT16:
+            return bfloat16_to_float32(self.data)
+        if self.dtype is DType.INT8_ROWWISE:
+            assert self.scales is not None
+            return self.data.astype(np.float32) * self.scales[..., None]
+        return self.data
+
+    def to_torch(self) -> Any:
+        """A torch tensor (bfloat16 stays bfloat16, bit-exact); imports torch lazily."""
+        import torch
+
+        if self.dtype is DType.BFLOAT16:
+            return torch.from_numpy(np.ascontiguousarray(self.data).view(np.int16).copy()).view(torch.bfloat16)
+        return torch.from_numpy(np.array(self.numpy(), copy=True))
+
+    def buffers(self) -> list[memoryview]:
+        """The wire byte buffers in order (scales first for INT8_ROWWISE), contiguous, little-endian."""
+        out = []
+        if self.scales is not None:
+            out.append(_le_bytes(self.scales, SCALE_DTYPE))
+        out.append(_le_bytes(self.data, STORAGE[self.dtype]))
+        return out
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Tensor):
+            return NotImplemented
+        return (
+            self.dtype == other.dtype
+            and self.shape == other.shape
+            and b"".join(map(bytes, self.buffers())) == b"".join(map(bytes, other.buffers()))
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Tensor({self.dtype.name}, shape={self.shape})"
+
+
+def _le_bytes(array: np.ndarray, storage: np.dtype[Any]) -> memoryview:
+    """A contiguous little-endian byte view of `array` (copies only when needed)."""
+    contiguous = np.ascontiguousarray(array, dtype=storage)
+    return memoryview(contiguous).cast("B")
+
+
+def decode_tensor(
+    buffer: Any, offset: int, dtype: DType, shape: tuple[int, ...]
+) -> Tensor:
+    """A zero-copy Tensor over `buffer[offset:]`; the caller has checked every size already."""
+    elements = math.prod(shape)
+    scales = None
+    if dtype is DType.INT8_ROWWISE:
+        rows = rows_of(shape)
+        scales = np.frombuffer(buffer, dtype=SCALE_DTYPE, count=rows, offset=offset).reshape(shape[:-1])
+        offset += rows * SCALE_DTYPE.itemsize
+    data = np.frombuffer(buffer, dtype=STORAGE[dtype], count=elements, offset=offset).reshape(shape)
+    return Tensor(dtype, data, scales)
