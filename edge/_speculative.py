@@ -145,6 +145,9 @@ class _Ahead:
 
     async def stop(self) -> int:
         self.cancel.set()
+        return await self.wait()
+
+    async def wait(self) -> int:
         return await self.future if self.future is not None else 0
 
 
@@ -248,10 +251,14 @@ class SpeculativeStrategy:
         except BaseException:
             await ahead.stop()
             raise
-        drafted_ahead = await ahead.stop()
-        self.stats.prefetched_tokens += drafted_ahead
         res = scored.result
         n_acc = res.accepted
+        # On full acceptance the drafted-ahead tokens are the next block: let the job
+        # finish it. On a rejection they are void: stop it after its current token.
+        if n_acc < len(block):
+            ahead.cancel.set()
+        drafted_ahead = await ahead.stop() if n_acc < len(block) else await ahead.wait()
+        self.stats.prefetched_tokens += drafted_ahead
         await self.edge.run(d.accept, n_acc, res.next_token)
         self._sync_edge_stats()
         self.stats.record_round(drafted=len(block), accepted=n_acc)

@@ -57,7 +57,7 @@ def tiny_cloud_hf():  # type: ignore[no-untyped-def]
 
 @pytest.fixture(scope="session")
 def tiny_edge_hf(tiny_cloud_hf):  # type: ignore[no-untyped-def]
-    return noisy_copy(tiny_cloud_hf, scale=0.5, seed=2)
+    return noisy_copy(tiny_cloud_hf, scale=0.1, seed=2)
 
 
 @pytest.fixture(scope="session")
