@@ -18,7 +18,7 @@ from tether.edge._draft_length import (
 )
 from tether.edge._edge_model import EdgeModel
 from tether.edge._errors import CloudUnavailableError, EdgeError
-from tether.edge._link import EmulatedLink, LinkProfile, LinkSevered
+from tether.edge._link import EmulatedLink, LinkSevered
 from tether.edge._loop import Generation
 from tether.edge._remote import CloudConnector, ResilienceOptions
 from tether.edge._speculative import SpeculativeOptions
@@ -43,7 +43,6 @@ __all__ = [
     "HeuristicDraftLength",
     "InProcessCloud",
     "LazyCloud",
-    "LinkProfile",
     "LinkSevered",
     "Origin",
     "ResilienceOptions",

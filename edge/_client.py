@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from tether.cloud import SamplingParams
 from tether.edge._connectors import InProcessCloud, LazyCloud
 from tether.edge._edge_model import EdgeModel
-from tether.edge._link import EmulatedLink, LinkProfile
+from tether.edge._link import EmulatedLink
 from tether.edge._loop import Generation
 from tether.edge._proposer import DraftSettings, EdgeDrafter
 from tether.edge._remote import CloudConnector, CloudLink, ResilienceOptions
@@ -29,6 +29,7 @@ from tether.edge._strategies import CloudStrategy, EdgeFallback, EdgeStrategy, S
 from tether.edge._text import Prompt, build_prompt
 from tether.edge._types import MODES, GenerationResult, StreamToken
 from tether.errors import ConfigurationError
+from tether.protocol import LinkEmulator
 from tether.sampling import make_generator, validate_warp
 
 T = TypeVar("T")
@@ -84,7 +85,7 @@ class EdgeClient:
         edge_backend: str = "torch",
         edge_threads: int | None = None,
         cloud_threads: int | None = None,
-        link: LinkProfile | None = None,
+        link: LinkEmulator | None = None,
         mode: str = "speculative",
         speculative: SpeculativeOptions | None = None,
         resilience: ResilienceOptions | None = None,

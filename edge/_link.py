@@ -1,10 +1,12 @@
-"""Link emulation for tests and benchmarks: delay, jitter, bandwidth, and cutting the link.
+"""Link emulation at the session level: delay, jitter, bandwidth, and cutting the link.
 
-What belongs here: `LinkProfile` and `EmulatedLink`, a `CloudConnector` wrapper that makes
-every session request travel an emulated network: one-way delay (plus uniform jitter) and
-serialisation at a bandwidth limit in each direction, with the bytes counted. `sever()`
-drops the link (requests in flight and new ones fail, or hang until the client's timeout
-with ``mode="blackhole"``); `restore()` brings it back.
+What belongs here: `EmulatedLink`, a `CloudConnector` wrapper that makes every session
+request cross an emulated network, for clouds that have no transport of their own (the
+in-process one) and for cutting a link in tests. The arithmetic of arrival times is the
+protocol's (`tether.protocol.LinkEmulator`, the same one `connect(..., link=...)` applies
+to a real connection), so both kinds of emulation agree. `sever()` drops the link
+(requests in flight and new ones fail, or hang until the client's timeout with
+``mode="blackhole"``); `restore()` brings it back, for new sessions only.
 
 What does not: the real transport. Sizes are estimates of the encoded messages (4 bytes
 per token id, 8 per (id, prob) pair, a fixed header), close to the protocol's frames.
@@ -13,9 +15,7 @@ per token id, 8 per (id, prob) pair, a fixed header), close to the protocol's fr
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal
 
 from tether.cloud import (
@@ -32,31 +32,9 @@ from tether.cloud import (
     VerifyResult,
 )
 from tether.edge._remote import CloudConnector
+from tether.protocol import LinkEmulator
 
 _HEADER = 48  # frame header + message tag + AEAD tag, roughly
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class LinkProfile:
-    """An emulated network path.
-
-    Attributes:
-        rtt_s: round-trip time (each direction gets half).
-        jitter_s: each one-way trip gets an extra uniform delay in [0, jitter_s].
-        bandwidth_bps: bits per second each way (None: unlimited).
-        seed: seeds the jitter.
-    """
-
-    rtt_s: float = 0.0
-    jitter_s: float = 0.0
-    bandwidth_bps: float | None = None
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.rtt_s < 0 or self.jitter_s < 0:
-            raise ValueError("rtt_s and jitter_s must be >= 0")
-        if self.bandwidth_bps is not None and self.bandwidth_bps <= 0:
-            raise ValueError("bandwidth_bps must be > 0 (or None for unlimited)")
 
 
 class LinkSevered(ConnectionResetError):
@@ -68,13 +46,14 @@ class EmulatedLink:
 
     Args:
         inner: the real connector (in-process or remote).
-        profile: delay, jitter and bandwidth.
+        emulator: delay, jitter and bandwidth per direction (None: a perfect link that
+            can still be severed). `EmulatedLink.with_rtt` builds a symmetric one.
     """
 
-    def __init__(self, inner: CloudConnector, profile: LinkProfile | None = None) -> None:
+    def __init__(self, inner: CloudConnector, emulator: LinkEmulator | None = None) -> None:
         self.inner = inner
-        self.profile = profile or LinkProfile()
-        self._rng = random.Random(self.profile.seed)
+        self.emulator = emulator or LinkEmulator()
+        self._up_shaper, self._down_shaper = self.emulator.shapers(client_side=True)
         self._up = asyncio.Event()
         self._up.set()
         self._mode: Literal["reset", "blackhole"] = "reset"
@@ -82,6 +61,14 @@ class EmulatedLink:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.sessions_opened = 0
+
+    @classmethod
+    def with_rtt(
+        cls, inner: CloudConnector, rtt_s: float, *, jitter_s: float = 0.0, bandwidth_bps: float | None = None,
+        seed: int | None = None,
+    ) -> EmulatedLink:
+        """A symmetric link: half the round trip each way, jitter per message, bandwidth each way."""
+        return cls(inner, LinkEmulator.symmetric(delay=rtt_s / 2, jitter=jitter_s, bandwidth=bandwidth_bps, seed=seed))
 
     # -- control -------------------------------------------------------------------------
 
@@ -106,16 +93,17 @@ class EmulatedLink:
             await asyncio.Event().wait()  # hangs until the caller times out
         raise LinkSevered("emulated link is down")
 
-    async def transit(self, nbytes: int, epoch: int) -> None:
+    async def transit(self, nbytes: int, epoch: int, *, upstream: bool) -> None:
         """Carry `nbytes` one way, failing if the link is or goes down."""
         if not self._up.is_set() or epoch != self._epoch:
             await self._fail()
-        p = self.profile
-        delay = p.rtt_s / 2 + (self._rng.uniform(0.0, p.jitter_s) if p.jitter_s else 0.0)
-        if p.bandwidth_bps:
-            delay += nbytes * 8 / p.bandwidth_bps
-        if delay > 0:
-            await asyncio.sleep(delay)
+        shaper = self._up_shaper if upstream else self._down_shaper
+        if shaper is not None:
+            loop = asyncio.get_running_loop()
+            now = loop.time()
+            delay = shaper.schedule(nbytes, now) - now
+            if delay > 0:
+                await asyncio.sleep(delay)
         if not self._up.is_set() or epoch != self._epoch:
             await self._fail()
 
@@ -150,13 +138,13 @@ class _EmulatedSession:
         nbytes += _HEADER
         self.bytes_sent += nbytes
         self._link.bytes_sent += nbytes
-        await self._link.transit(nbytes, self._epoch)
+        await self._link.transit(nbytes, self._epoch, upstream=True)
 
     async def _down(self, nbytes: int) -> None:
         nbytes += _HEADER
         self.bytes_received += nbytes
         self._link.bytes_received += nbytes
-        await self._link.transit(nbytes, self._epoch)
+        await self._link.transit(nbytes, self._epoch, upstream=False)
 
     @property
     def length(self) -> int:

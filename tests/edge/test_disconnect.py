@@ -12,7 +12,6 @@ from tether.edge import (
     EdgeClient,
     EmulatedLink,
     InProcessCloud,
-    LinkProfile,
     Origin,
     ResilienceOptions,
 )
@@ -30,7 +29,7 @@ def greedy(hf_model, ids: list[int], n: int) -> list[int]:  # type: ignore[no-un
 
 
 def make_client(edge_model, cloud_manager, **resilience) -> tuple[EdgeClient, EmulatedLink]:  # type: ignore[no-untyped-def]
-    link = EmulatedLink(InProcessCloud(cloud_manager), LinkProfile())
+    link = EmulatedLink(InProcessCloud(cloud_manager))
     opts = ResilienceOptions(backoff_initial=0.01, backoff_max=0.05, **resilience)
     return EdgeClient(edge_model, link, resilience=opts), link
 
@@ -105,7 +104,7 @@ async def test_raise_policy(edge_model, cloud_manager) -> None:  # type: ignore[
 
 
 async def test_emulated_rtt_and_bytes(edge_model, cloud_manager) -> None:  # type: ignore[no-untyped-def]
-    link = EmulatedLink(InProcessCloud(cloud_manager), LinkProfile(rtt_s=0.04, jitter_s=0.005, seed=1))
+    link = EmulatedLink.with_rtt(InProcessCloud(cloud_manager), 0.04, jitter_s=0.005, seed=1)
     client = EdgeClient(edge_model, link)
     loop = asyncio.get_running_loop()
     t0 = loop.time()
