@@ -15,6 +15,7 @@ import typer
 import tether
 
 _COMMAND_MODULES: tuple[str, ...] = (
+    "tether.models_cli",
 )
 
 app = typer.Typer(
