@@ -238,6 +238,8 @@ class GenerateChunk:
         finish_reason: None while more follow; ``"stop"`` or ``"length"`` on the last chunk.
         length: committed length after this chunk.
         forward_passes, compute_s: spent producing this chunk.
+        logprobs: per token, its log-probability (temperature 1), when asked for.
+        top_ids, top_logprobs: per token, the top-k alternatives at its position, when asked for.
     """
 
     token_ids: tuple[int, ...]
@@ -245,6 +247,9 @@ class GenerateChunk:
     length: int
     forward_passes: int = 1
     compute_s: float = 0.0
+    logprobs: tuple[float, ...] = ()
+    top_ids: tuple[tuple[int, ...], ...] = ()
+    top_logprobs: tuple[tuple[float, ...], ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -12,7 +12,7 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -295,12 +295,31 @@ class SessionManager:
         generator: torch.Generator,
     ) -> ChatResult:
         """Chat completion on a temporary cache, charged to session `s`'s memory."""
+        result: ChatResult | None = None
+        async for _, final in self.chat_stream(s, messages, max_tokens=max_tokens, temperature=temperature,
+                                               json_mode=json_mode, generator=generator):
+            result = final if final is not None else result
+        assert result is not None
+        return result
+
+    async def chat_stream(
+        self,
+        s: CloudSession,
+        messages: Sequence[ChatMessage],
+        *,
+        max_tokens: int,
+        temperature: float,
+        json_mode: bool,
+        generator: torch.Generator,
+        top_p: float = 1.0,
+    ) -> AsyncIterator[tuple[str, ChatResult | None]]:
+        """Stream a chat completion: ``(text delta, None)`` per token, then ``("", result)``."""
         if not 0 < max_tokens <= self.config.max_chat_tokens:
             raise SessionLimitExceeded(
                 f"max_tokens={max_tokens} is outside [1, {self.config.max_chat_tokens}] (max_chat_tokens)",
                 limit_name="max_chat_tokens", value=max_tokens, limit=self.config.max_chat_tokens,
             )
-        sampling = SamplingParams(temperature=temperature)
+        sampling = SamplingParams(temperature=temperature, top_p=top_p)
         prompt = self.chat_prompt_ids(messages)
         if len(prompt) + max_tokens > self.max_tokens:
             raise SessionLimitExceeded(
@@ -319,6 +338,7 @@ class SessionManager:
         state = self.model.new_state()
         compute = 0.0
         out: list[int] = []
+        sent = ""
         finish: Any = "length"
         try:
             feed = prompt
@@ -341,6 +361,10 @@ class SessionManager:
                     finish = "stop"
                     break
                 out.append(token)
+                text = self.tokenizer.decode(out, skip_special_tokens=True)
+                if not text.endswith("\ufffd") and len(text) > len(sent) and text.startswith(sent):
+                    yield text[len(sent):], None
+                    sent = text
                 if constraint is not None and constraint.complete:
                     finish = "stop"
                     break
@@ -351,6 +375,7 @@ class SessionManager:
             self.model.release(state)
             s.chat_tokens = 0
         text = self.tokenizer.decode(out, skip_special_tokens=True)
-        self.tokens(verified=0, accepted=0, committed=0)
-        return ChatResult(text=text, prompt_tokens=len(prompt), completion_tokens=len(out), finish_reason=finish,
-                          compute_s=compute)
+        if len(text) > len(sent) and text.startswith(sent):
+            yield text[len(sent):], None
+        yield "", ChatResult(text=text, prompt_tokens=len(prompt), completion_tokens=len(out), finish_reason=finish,
+                             compute_s=compute)

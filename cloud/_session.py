@@ -395,8 +395,15 @@ class CloudSession:
             return ScoreResult(token_logprobs=token_lp, top_ids=top_ids, top_logprobs=top_lp,
                                length=len(self._tokens), forward_passes=passes, compute_s=compute, queue_s=queue)
 
-    async def generate(self, n: int, *, stop_ids: Sequence[int] = ()) -> AsyncIterator[GenerateChunk]:
+    async def generate(self, n: int, *, stop_ids: Sequence[int] = (), top_k: int | None = None
+                       ) -> AsyncIterator[GenerateChunk]:
+        """See `CloudSessionAPI.generate`; `top_k` (not None) also returns each token's logprob
+        and its position's top-k alternatives."""
         async with self._op("generate"):
+            cap = self._m.config.max_top_k
+            if top_k is not None and not 0 <= top_k <= cap:
+                raise SessionLimitExceeded(f"top_k={top_k} is outside [0, {cap}] (max_top_k)",
+                                           limit_name="max_top_k", value=top_k, limit=cap)
             self._require_tokens("generate")
             if n < 0:
                 raise InvalidRequest(f"generate needs n >= 0, got {n}")
@@ -417,8 +424,13 @@ class CloudSession:
                 self._settle()
                 self._m.tokens(verified=0, accepted=0, committed=1)
                 done: Any = "stop" if token in stops else ("length" if i == n - 1 else None)
+                extra: dict[str, Any] = {}
+                if top_k is not None:
+                    lp = torch.log_softmax(rows[-1:].float(), dim=-1)
+                    ids, vals = _top_k(lp, top_k)
+                    extra = {"logprobs": (float(lp[0, token]),), "top_ids": ids, "top_logprobs": vals}
                 yield GenerateChunk(token_ids=(token,), finish_reason=done, length=len(self._tokens),
-                                    forward_passes=passes, compute_s=compute)
+                                    forward_passes=passes, compute_s=compute, **extra)
                 if done is not None:
                     return
 
@@ -496,3 +508,19 @@ class CloudSession:
         async with self._op("chat"):
             return await self._m.chat(self, as_messages(messages), max_tokens=max_tokens,
                                       temperature=temperature, json_mode=json_mode, generator=self._gen)
+
+    async def chat_stream(
+        self,
+        messages: Sequence[ChatMessage | Mapping[str, Any]],
+        *,
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        json_mode: bool = False,
+    ) -> AsyncIterator[tuple[str, ChatResult | None]]:
+        """Like `chat`, streamed: ``(text delta, None)`` as text is produced, then ``("", result)``."""
+        async with self._op("chat"):
+            async for item in self._m.chat_stream(self, as_messages(messages), max_tokens=max_tokens,
+                                                  temperature=temperature, top_p=top_p, json_mode=json_mode,
+                                                  generator=self._gen):
+                yield item

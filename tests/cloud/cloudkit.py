@@ -60,3 +60,31 @@ def greedy_reference(model, prompt: list[int], n: int) -> list[int]:  # type: ig
         logits = model.extend(state, [t])
     model.release(state)
     return out
+
+
+class UvicornServer:
+    """Serve an ASGI app on a free loopback port inside the running event loop."""
+
+    def __init__(self, app) -> None:  # type: ignore[no-untyped-def]
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+                                                    lifespan="off"))
+        self.task = None
+        self.url = ""
+
+    async def __aenter__(self):  # type: ignore[no-untyped-def]
+        import asyncio
+
+        self.task = asyncio.ensure_future(self.server.serve())
+        while not self.server.started:
+            if self.task.done():
+                self.task.result()
+            await asyncio.sleep(0.01)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def __aexit__(self, *exc) -> None:  # type: ignore[no-untyped-def]
+        self.server.should_exit = True
+        await self.task
