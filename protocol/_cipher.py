@@ -73,9 +73,9 @@ class CipherState:
     def __init__(self, key: bytes | None = None, n: int = 0) -> None:
         self._key: bytes | None = None
         self._aead: ChaCha20Poly1305 | None = None
-        self.n = n
         if key is not None:
             self.initialize_key(key)
+        self.n = n
 
     def initialize_key(self, key: bytes) -> None:
         """InitializeKey(key): set the key and reset the nonce to zero."""

@@ -199,7 +199,7 @@ class Tensor:
 def _le_bytes(array: np.ndarray, storage: np.dtype[Any]) -> memoryview:
     """A contiguous little-endian byte view of `array` (copies only when needed)."""
     contiguous = np.ascontiguousarray(array, dtype=storage)
-    return memoryview(contiguous).cast("B")
+    return memoryview(contiguous.reshape(-1).view(np.uint8))
 
 
 def decode_tensor(

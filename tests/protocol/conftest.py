@@ -1,0 +1,119 @@
+"""Shared fixtures for the protocol tests: keys, an in-memory client-server pair, live servers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from tether.protocol import (
+    Allowlist,
+    ClientProtocol,
+    KeyPair,
+    ServerConnection,
+    ServerProtocol,
+    serve,
+)
+from tether.protocol._session import Event
+
+
+@pytest.fixture(scope="session")
+def server_keys() -> KeyPair:
+    return KeyPair.generate()
+
+
+@pytest.fixture(scope="session")
+def client_keys() -> KeyPair:
+    return KeyPair.generate()
+
+
+class Pair:
+    """A sans-I/O client and server wired back to back in memory (h11's ConnectionPair)."""
+
+    def __init__(self, client: ClientProtocol, server: ServerProtocol) -> None:
+        self.client = client
+        self.server = server
+        self.client_events: list[Event] = []
+        self.server_events: list[Event] = []
+
+    def pump(self) -> None:
+        """Deliver queued records both ways until both sides are quiet."""
+        moved = True
+        while moved:
+            moved = False
+            for record in self.client.data_to_send():
+                self.server_events += self.server.receive_data(record)
+                moved = True
+            for record in self.server.data_to_send():
+                self.client_events += self.client.receive_data(record)
+                moved = True
+
+    def take(self) -> tuple[list[Event], list[Event]]:
+        out = (self.client_events, self.server_events)
+        self.client_events, self.server_events = [], []
+        return out
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_pair(
+    server_keys: KeyPair,
+    client_keys: KeyPair,
+    *,
+    pattern: str = "IK",
+    client_kwargs: dict[str, Any] | None = None,
+    server_kwargs: dict[str, Any] | None = None,
+    pump: bool = True,
+) -> Pair:
+    server = ServerProtocol(server_keys, allowlist=Allowlist([client_keys.public]), **(server_kwargs or {}))
+    client = ClientProtocol(client_keys, server_keys.public, pattern=pattern, **(client_kwargs or {}))
+    pair = Pair(client, server)
+    if pump:
+        pair.pump()
+    return pair
+
+
+@pytest.fixture
+def pair(server_keys: KeyPair, client_keys: KeyPair) -> Pair:
+    return make_pair(server_keys, client_keys)
+
+
+Handler = Callable[[ServerConnection], Awaitable[None]]
+
+
+@pytest.fixture
+async def live_server(server_keys: KeyPair, client_keys: KeyPair) -> AsyncIterator[Callable[..., Awaitable[Any]]]:
+    """Start servers on 127.0.0.1 (port 0) for the test; all are closed afterwards."""
+    servers = []
+
+    async def start(handler: Handler | None = None, **kwargs: Any) -> Any:
+        kwargs.setdefault("server_keys", server_keys)
+        kwargs.setdefault("allowlist", [client_keys.public])
+        server = await serve(handler or echo_handler, "127.0.0.1", 0, **kwargs)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        await asyncio.wait_for(server.close(grace=1.0), 10)
+
+
+async def echo_handler(conn: ServerConnection) -> None:
+    """Answers AppendTokens with Appended(length=len(tokens)); everything else UNSUPPORTED."""
+    from tether.protocol import Appended, AppendTokens, ErrorCode, RequestFailed
+
+    async def on_request(request: Any) -> Any:
+        message = request.message
+        if isinstance(message, AppendTokens):
+            return Appended(session_id=message.session_id, length=int(message.tokens.shape[0]))
+        raise RequestFailed(ErrorCode.UNSUPPORTED, "not supported by the echo handler")
+
+    await conn.serve_requests(on_request)
