@@ -16,6 +16,7 @@ import tether
 
 _COMMAND_MODULES: tuple[str, ...] = (
     "tether.models_cli",
+    "tether.generate_cli",
 )
 
 app = typer.Typer(
