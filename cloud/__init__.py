@@ -33,8 +33,12 @@ from tether.cloud._errors import (
     UnsupportedOperation,
     error_from_code,
 )
+from tether.cloud._http import HttpCloudSession
 from tether.cloud._manager import SessionManager, kv_bytes_per_token
 from tether.cloud._metrics import Metrics
+from tether.cloud._openai import OpenAIApp
+from tether.cloud._remote import RemoteCloud, RemoteCloudSession
+from tether.cloud._server import CloudServer
 from tether.cloud._session import CloudSession, SessionStatus
 
 __all__ = [
@@ -45,14 +49,19 @@ __all__ = [
     "ChatResult",
     "CloudConfig",
     "CloudError",
+    "CloudServer",
     "CloudSession",
     "CloudSessionAPI",
     "FinishReason",
     "ForwardOutput",
     "GenerateChunk",
     "HiddenResult",
+    "HttpCloudSession",
     "InvalidRequest",
     "Metrics",
+    "OpenAIApp",
+    "RemoteCloud",
+    "RemoteCloudSession",
     "SamplingParams",
     "ScoreResult",
     "ServerOverloaded",

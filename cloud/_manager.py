@@ -202,11 +202,11 @@ class SessionManager:
         if s.id in self._sessions:
             self._sessions.move_to_end(s.id)
 
-    def session_info(self, session_id: str) -> SessionInfo:
+    def session_info(self, session_id: str, *, max_tokens: int | None = None) -> SessionInfo:
         info = self.model.info
         return SessionInfo(session_id=session_id, model=self.model_name, vocab_size=info.vocab_size,
                            num_layers=info.num_layers, hidden_size=info.hidden_size,
-                           eos_token_ids=tuple(info.eos_token_ids), max_tokens=self.max_tokens,
+                           eos_token_ids=tuple(info.eos_token_ids), max_tokens=max_tokens or self.max_tokens,
                            capabilities=self.capabilities)
 
     # -- KV memory budget -----------------------------------------------------------------

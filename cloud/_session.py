@@ -94,6 +94,7 @@ class CloudSession:
         self._gen = torch.Generator()
         self._lock = asyncio.Lock()
         self._pending = 0
+        self._max_tokens = manager.max_tokens
         self.last_used = time.monotonic()
         self.kv_tokens = 0  # positions this session's cache holds or is about to hold
         self.chat_tokens = 0  # positions held by a chat completion's temporary cache
@@ -213,7 +214,7 @@ class CloudSession:
             raise InvalidRequest(f"{op} needs at least one committed token; append the prompt first")
 
     def _check_room(self, extra: int) -> None:
-        limit = self._m.max_tokens
+        limit = self._max_tokens
         if len(self._tokens) + extra > limit:
             raise SessionLimitExceeded(
                 f"session would hold {len(self._tokens) + extra} tokens (max_tokens={limit})",
@@ -277,12 +278,18 @@ class CloudSession:
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    async def open(self, *, sampling: SamplingParams = SamplingParams(), model: str | None = None) -> SessionInfo:
+    async def open(self, *, sampling: SamplingParams = SamplingParams(), model: str | None = None,
+                   max_tokens: int | None = None) -> SessionInfo:
+        """See `CloudSessionAPI.open`; `max_tokens` lowers this session's token limit."""
         if self._status != SessionStatus.NEW:
             raise InvalidRequest(f"session {self.id} was already opened")
         if not isinstance(sampling, SamplingParams):
             raise InvalidRequest("sampling must be a SamplingParams")
         self._m.check_model_name(model)
+        if max_tokens is not None:
+            if max_tokens < 1:
+                raise InvalidRequest(f"max_tokens must be >= 1, got {max_tokens}")
+            self._max_tokens = min(max_tokens, self._m.max_tokens)
         self._m.register(self)
         self._sampling = sampling
         if sampling.seed is None:
@@ -292,7 +299,7 @@ class CloudSession:
         self._status = SessionStatus.OPEN
         self.last_used = time.monotonic()
         self._m.count("open", "ok")
-        return self._m.session_info(self.id)
+        return self._m.session_info(self.id, max_tokens=self._max_tokens)
 
     async def close(self) -> None:
         if self._status in (SessionStatus.CLOSED, SessionStatus.EVICTED, SessionStatus.NEW):
@@ -395,10 +402,11 @@ class CloudSession:
             return ScoreResult(token_logprobs=token_lp, top_ids=top_ids, top_logprobs=top_lp,
                                length=len(self._tokens), forward_passes=passes, compute_s=compute, queue_s=queue)
 
-    async def generate(self, n: int, *, stop_ids: Sequence[int] = (), top_k: int | None = None
-                       ) -> AsyncIterator[GenerateChunk]:
+    async def generate(self, n: int, *, stop_ids: Sequence[int] = (), top_k: int | None = None,
+                       sampling: SamplingParams | None = None) -> AsyncIterator[GenerateChunk]:
         """See `CloudSessionAPI.generate`; `top_k` (not None) also returns each token's logprob
-        and its position's top-k alternatives."""
+        and its position's top-k alternatives; `sampling` overrides the session's for this call."""
+        params = self._sampling if sampling is None else sampling
         async with self._op("generate"):
             cap = self._m.config.max_top_k
             if top_k is not None and not 0 <= top_k <= cap:
@@ -416,10 +424,10 @@ class CloudSession:
             for i in range(n):
                 self._check_open()  # close() during a long generation stops it here
                 rows, passes, compute, _ = await self._forward_tail([])
-                if self._sampling.greedy:
+                if params.greedy:
                     token = int(rows[-1].argmax())
                 else:
-                    token = sample_token(rows[-1], self._sampling, self._gen)
+                    token = sample_token(rows[-1], params, self._gen)
                 self._tokens.append(token)
                 self._settle()
                 self._m.tokens(verified=0, accepted=0, committed=1)
@@ -473,10 +481,10 @@ class CloudSession:
                 raise SessionLimitExceeded(f"top_k={top_k} is outside [0, {cap}] (max_top_k)",
                                            limit_name="max_top_k", value=top_k, limit=cap)
             n = arr.shape[0]
-            if self._split_length + n > self._m.max_tokens:
+            if self._split_length + n > self._max_tokens:
                 raise SessionLimitExceeded(
-                    f"session would hold {self._split_length + n} positions (max_tokens={self._m.max_tokens})",
-                    limit_name="max_tokens", value=self._split_length + n, limit=self._m.max_tokens)
+                    f"session would hold {self._split_length + n} positions (max_tokens={self._max_tokens})",
+                    limit_name="max_tokens", value=self._split_length + n, limit=self._max_tokens)
             self._split_layer = layer
             state = self._require_state()
             h = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))

@@ -88,3 +88,47 @@ class UvicornServer:
     async def __aexit__(self, *exc) -> None:  # type: ignore[no-untyped-def]
         self.server.should_exit = True
         await self.task
+
+
+def slow_model(inner, delay: float):  # type: ignore[no-untyped-def]
+    """A LayerwiseLM that sleeps `delay` seconds in every forward (to keep requests in flight)."""
+    import time
+
+    from tether.runtime import LayerwiseLM
+
+    class SlowLM(LayerwiseLM):
+        def __init__(self) -> None:
+            self.info = inner.info
+            self.inner = inner
+
+        def new_state(self):  # type: ignore[no-untyped-def]
+            return inner.new_state()
+
+        def extend(self, state, token_ids):  # type: ignore[no-untyped-def]
+            time.sleep(delay)
+            return inner.extend(state, token_ids)
+
+        def extend_batch(self, states, token_ids):  # type: ignore[no-untyped-def]
+            time.sleep(delay)
+            return inner.extend_batch(states, token_ids)
+
+        def truncate(self, state, length):  # type: ignore[no-untyped-def]
+            inner.truncate(state, length)
+
+        def fork(self, state):  # type: ignore[no-untyped-def]
+            return inner.fork(state)
+
+        def release(self, state):  # type: ignore[no-untyped-def]
+            inner.release(state)
+
+        def embed(self, token_ids):  # type: ignore[no-untyped-def]
+            return inner.embed(token_ids)
+
+        def run_layers(self, state, hidden, start, stop):  # type: ignore[no-untyped-def]
+            time.sleep(delay)
+            return inner.run_layers(state, hidden, start, stop)
+
+        def head(self, hidden):  # type: ignore[no-untyped-def]
+            return inner.head(hidden)
+
+    return SlowLM()
