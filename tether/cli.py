@@ -17,6 +17,7 @@ import tether
 _COMMAND_MODULES: tuple[str, ...] = (
     "tether.models_cli",
     "tether.generate_cli",
+    "tether.cloud._cli",
 )
 
 app = typer.Typer(
