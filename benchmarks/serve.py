@@ -1,0 +1,255 @@
+"""`tether bench serve`: aggregate verified tokens/s of the cloud service, 1/4/8 sessions, batching on/off.
+
+What it measures: a real `CloudServer` on loopback (encrypted protocol) serving the real cloud
+model, with S concurrent edge sessions each verifying draft blocks of k tokens as fast as
+the server answers (greedy). Drafts come from the cloud model's own greedy continuation of
+each prompt with a fraction of tokens corrupted (seeded), so acceptance is partial and the
+committed output can be checked against that continuation. Every configuration runs in the
+same process on the same loaded model; only the server's batching setting changes.
+
+Writes ``benchmarks/results/serve.json`` and the ``serve`` section of ``docs/benchmarks.md``.
+Run it under the shared memory lock: ``flock /tmp/tether-bigmem.lock tether bench serve``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+SECTION = "serve"
+PROMPTS = [
+    "Write a Python function that checks whether a string is a palindrome.",
+    "Explain the difference between a list and a tuple in Python.",
+    "Write a SQL query that returns the ten most recent orders per customer.",
+    "Implement binary search in Rust.",
+    "What does the `yield` keyword do in Python?",
+    "Write a bash one-liner that counts lines in all .py files under a directory.",
+    "Write a JavaScript function that debounces another function.",
+    "How do I reverse a linked list in C?",
+]
+
+
+def write_section(doc: Path, name: str, body: str) -> None:
+    """Replace (or append) the section between ``<!-- bench:NAME -->`` markers in `doc`."""
+    start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    text = doc.read_text() if doc.exists() else "# Benchmarks\n\nMeasured numbers and the commands that reproduce them.\n"
+    block = f"{start}\n{body.rstrip()}\n{end}"
+    if start in text and end in text:
+        before, rest = text.split(start, 1)
+        _, after = rest.split(end, 1)
+        text = before + block + after
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(text)
+
+
+def _prompt_ids(tokenizer: Any, text: str) -> list[int]:
+    out = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                        tokenize=True)
+    if hasattr(out, "keys") and "input_ids" in out:
+        out = out["input_ids"]
+    return [int(t) for t in out]
+
+
+def _references(model: Any, prompts: list[list[int]], n: int) -> list[list[int]]:
+    """The cloud model's greedy continuation of each prompt (one batched forward per step)."""
+    states = [model.new_state() for _ in prompts]
+    logits = model.extend_batch(states, prompts)
+    outs: list[list[int]] = [[] for _ in prompts]
+    for _ in range(n):
+        nxt = [int(lg[-1].argmax()) for lg in logits]
+        for o, t in zip(outs, nxt):
+            o.append(t)
+        logits = model.extend_batch(states, [[t] for t in nxt])
+    for s in states:
+        model.release(s)
+    return outs
+
+
+async def _run_config(model: Any, tokenizer: Any, prompts: list[list[int]], refs: list[list[int]], *,
+                      sessions: int, batching: bool, rounds: int, k: int, corrupt: float,
+                      window_s: float) -> dict[str, Any]:
+    from tether.cloud import CloudConfig, CloudServer, RemoteCloud, SessionManager
+    from tether.protocol import KeyPair
+
+    cfg = CloudConfig(batching=batching, max_batch=8, batch_window_s=window_s, max_tokens=4096,
+                      kv_budget_bytes=8 * 1024**3)
+    manager = SessionManager(model, tokenizer=tokenizer, config=cfg)
+    server_keys, client_keys = KeyPair.generate(), KeyPair.generate()
+    async with CloudServer(manager, keys=server_keys, allowlist=[client_keys.public]) as srv:
+        cloud = await RemoteCloud.connect(srv.url, client_keys, server_public_key=server_keys.public)
+        ss = [await cloud.new_session() for _ in range(sessions)]
+        for s in ss:
+            await s.open()
+        await asyncio.gather(*(s.append(prompts[i]) for i, s in enumerate(ss)))
+        rng = random.Random(1234)
+        outs: list[list[int]] = [[] for _ in ss]
+        latencies: list[float] = []
+        accepted = [0]
+
+        async def one_round(i: int) -> None:
+            ref = refs[i]
+            pos = len(outs[i])
+            vocab = model.info.vocab_size
+            draft = [t if rng.random() >= corrupt else (t + 1) % vocab for t in ref[pos:pos + k]]
+            t0 = time.perf_counter()
+            r = await ss[i].verify(draft)
+            latencies.append(time.perf_counter() - t0)
+            outs[i] += draft[:r.accepted] + [r.next_token]
+            accepted[0] += r.accepted
+
+        await asyncio.gather(*(one_round(i) for i in range(sessions)))  # warm-up round, not timed
+        latencies.clear()
+        accepted[0] = 0
+        forwards0, seqs0 = manager.batcher.forwards, manager.batcher.sequences
+        committed0 = sum(len(o) for o in outs)
+        t0 = time.perf_counter()
+
+        async def session_loop(i: int) -> None:
+            for _ in range(rounds):
+                await one_round(i)
+
+        await asyncio.gather(*(session_loop(i) for i in range(sessions)))
+        wall = time.perf_counter() - t0
+        forwards = manager.batcher.forwards - forwards0
+        seqs = manager.batcher.sequences - seqs0
+        committed = sum(len(o) for o in outs) - committed0
+        identical = all(o == refs[i][:len(o)] for i, o in enumerate(outs))
+        await cloud.aclose()
+    verified = sessions * rounds * k
+    return {
+        "sessions": sessions,
+        "batching": batching,
+        "rounds": rounds,
+        "k": k,
+        "wall_s": round(wall, 3),
+        "verified_tokens": verified,
+        "verified_tok_s": round(verified / wall, 2),
+        "committed_tokens": committed,
+        "committed_tok_s": round(committed / wall, 2),
+        "acceptance": round(accepted[0] / verified, 3),
+        "forward_passes": forwards,
+        "mean_batch": round(seqs / max(forwards, 1), 2),
+        "verify_latency_p50_s": round(statistics.median(latencies), 3),
+        "identical_to_greedy": identical,
+    }
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    c = report["conditions"]
+    lines = [
+        "## Cloud service throughput (`tether bench serve`)",
+        "",
+        f"Real `CloudServer` on loopback (encrypted protocol), cloud model `{c['cloud_model']}` "
+        f"(torch fp32, {c['torch_threads']} threads, {c['machine']}). Each session verifies greedy drafts of "
+        f"k={c['k']} tokens ({int(c['corrupt'] * 100)}% of draft tokens corrupted, so acceptance is partial) for "
+        f"{c['rounds']} timed rounds after one warm-up round; sessions run concurrently. "
+        f"Batching window {c['window_ms']} ms, max batch 8. One run, {c['date']}.",
+        "",
+        "| sessions | batching | verified tok/s | committed tok/s | acceptance | forward passes | mean batch | "
+        "verify p50 (s) | output = greedy |",
+        "|---:|:---|---:|---:|---:|---:|---:|---:|:---|",
+    ]
+    for r in report["results"]:
+        lines.append(
+            f"| {r['sessions']} | {'on' if r['batching'] else 'off'} | {r['verified_tok_s']} | "
+            f"{r['committed_tok_s']} | {r['acceptance']:.0%} | {r['forward_passes']} | {r['mean_batch']} | "
+            f"{r['verify_latency_p50_s']} | {'yes' if r['identical_to_greedy'] else 'NO'} |")
+    lines += ["", "Target: 8 sessions with batching >= 3x the verified tokens/s of 8 sessions without."]
+    for t in report["targets"]:
+        lines.append(f"- {'met' if t['met'] else 'missed'}: {t['target']} — measured {t['measured']}")
+    lines += ["", f"Reproduce: `flock /tmp/tether-bigmem.lock {c['command']}`"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--model", default="", help="cloud model (default: the registry's cloud model)")
+    parser.add_argument("--sessions", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--corrupt", type=float, default=0.25, help="fraction of draft tokens replaced")
+    parser.add_argument("--window-ms", type=float, default=5.0)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve.json")
+    parser.add_argument("--docs", type=Path, default=ROOT / "docs")
+    parser.add_argument("--no-docs", action="store_true")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from tether.runtime import load_runtime
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    name = args.model
+    if not name:
+        from tether.models import DEFAULT_CLOUD_MODEL
+
+        name = DEFAULT_CLOUD_MODEL
+    t0 = time.time()
+    model, tokenizer = load_runtime(name, "torch")
+    print(f"loaded {name} in {time.time() - t0:.0f} s", flush=True)
+    n = max(args.sessions)
+    prompts = [_prompt_ids(tokenizer, PROMPTS[i % len(PROMPTS)]) for i in range(n)]
+    t1 = time.time()
+    refs = _references(model, prompts, (args.rounds + 1) * (args.k + 1) + 2)
+    print(f"greedy references in {time.time() - t1:.0f} s", flush=True)
+    results = []
+    for sessions in args.sessions:
+        for batching in (True, False):
+            row = asyncio.run(_run_config(model, tokenizer, prompts, refs, sessions=sessions, batching=batching,
+                                          rounds=args.rounds, k=args.k, corrupt=args.corrupt,
+                                          window_s=args.window_ms / 1000))
+            print(json.dumps(row), flush=True)
+            results.append(row)
+
+    def tps(s: int, b: bool) -> float | None:
+        return next((r["verified_tok_s"] for r in results if r["sessions"] == s and r["batching"] == b), None)
+
+    targets = []
+    on, off = tps(8, True), tps(8, False)
+    if on is not None and off is not None:
+        ratio = on / off
+        targets.append({"target": "8 sessions batched >= 3x unbatched (verified tok/s)",
+                        "measured": f"{ratio:.2f}x ({on} vs {off})", "met": ratio >= 3.0})
+    report = {
+        "benchmark": "serve",
+        "conditions": {
+            "command": "tether bench serve " + " ".join(argv or []),
+            "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores (shared with the client in-process)",
+            "cloud_model": name,
+            "torch_threads": torch.get_num_threads(),
+            "k": args.k,
+            "rounds": args.rounds,
+            "corrupt": args.corrupt,
+            "window_ms": args.window_ms,
+            "transport": "tether protocol over loopback (Noise IK), client in the same process",
+            "decoding": "greedy",
+            "date": time.strftime("%Y-%m-%d"),
+            "seconds": round(time.time() - t0, 1),
+        },
+        "results": results,
+        "targets": targets,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    if not args.no_docs:
+        write_section(args.docs / "benchmarks.md", SECTION, _markdown(report))
+    for t in targets:
+        print(("MET    " if t["met"] else "MISSED ") + f"{t['target']}: {t['measured']}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
