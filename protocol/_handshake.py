@@ -47,6 +47,8 @@ PROLOGUE_PREFIX = b"tether-noise-v1\x00"
 PATTERN_IDS: dict[str, int] = {"XX": 1, "IK": 2}
 PATTERNS_BY_ID: dict[int, HandshakePattern] = {1: XX, 2: IK}
 MAX_HELLO_BYTES = 16 * 1024
+# The Hello is decoded with fixed limits, whatever a deployment configures for transport.
+_HELLO_LIMITS = Limits(max_frame_bytes=MAX_HELLO_BYTES, max_metadata_bytes=MAX_HELLO_BYTES, max_tensors=1)
 
 Flow = Generator["bytes | None", "bytes | None", "HandshakeResult"]
 
@@ -168,7 +170,7 @@ def server_handshake(keys: KeyPair, *, limits: Limits, patterns: tuple[str, ...]
     if len(hello_bytes) > MAX_HELLO_BYTES:
         raise HandshakeError(f"Hello of {len(hello_bytes)} bytes exceeds {MAX_HELLO_BYTES}")
     try:
-        frame = decode_frame(hello_bytes, limits)
+        frame = decode_frame(hello_bytes, _HELLO_LIMITS)
     except ProtocolError as exc:
         raise HandshakeError(f"malformed Hello: {exc}") from exc
     if not isinstance(frame.message, Hello) or frame.request_id or frame.flags:

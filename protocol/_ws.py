@@ -55,11 +55,12 @@ from tether.protocol._session import (
 )
 from tether.protocol._transport import RECORD_OVERHEAD
 
-__all__ = ["Connection", "Request", "RequestFailed", "Server", "ServerConnection", "connect", "serve"]
+__all__ = ["Connection", "ReplyStream", "Request", "RequestFailed", "Server", "ServerConnection", "connect", "serve"]
 
 log = logging.getLogger("tether.protocol")
 
-_HANDSHAKE_MAX = 65535 + 64
+_HANDSHAKE_MAX = 65535 + 64  # unauthenticated peers: one Noise message at most
+_OVERSIZE_SLACK = 1024 * 1024
 
 
 class RequestFailed(ChannelError):
@@ -76,7 +77,18 @@ class RequestFailed(ChannelError):
 
 
 def _ws_max_size(limits: Limits) -> int:
-    return max(limits.max_frame_bytes + RECORD_OVERHEAD, _HANDSHAKE_MAX)
+    """The websocket message limit once authenticated: the frame limit plus the record
+    overhead plus slack, so that a moderately oversized record reaches the record layer and
+    closes with FRAME_TOO_LARGE (4030); anything larger is refused by the websocket layer
+    itself with 1009 before it is buffered."""
+    return limits.max_frame_bytes + RECORD_OVERHEAD + _OVERSIZE_SLACK
+
+
+def _raise_ws_limit(ws: ClientConnection | WsServerConnection, limits: Limits) -> None:
+    """Lift the handshake-time message limit to the transport limit (authenticated peers only)."""
+    protocol = ws.protocol
+    if hasattr(protocol, "max_message_size"):
+        protocol.max_message_size = _ws_max_size(limits)
 
 
 def _code_name(code: int | None) -> str:
@@ -277,9 +289,9 @@ class _Driver:
         with contextlib.suppress(Exception):
             await self.flush()
             await self._drain_out()
+        self._finish(exc, close_code)
         with contextlib.suppress(Exception):
             await self.ws.close(close_code, _code_name(close_code))
-        self._finish(exc, close_code)
 
     async def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         """Graceful close: Goodbye inside the channel, then the websocket close."""
@@ -289,9 +301,9 @@ class _Driver:
         with contextlib.suppress(Exception):
             await self.flush()
             await self._drain_out()
+        self._finish(UsageError("the connection was closed by this side"), int(code))
         with contextlib.suppress(Exception):
             await self.ws.close(int(code), _code_name(code))
-        self._finish(UsageError("the connection was closed by this side"), int(code))
 
     def _lost(self) -> None:
         code, reason = _close_info(self._lost_exc) if self._lost_exc is not None else (int(CloseCode.ABNORMAL), "")
@@ -455,34 +467,17 @@ class Connection:
                     self._cancel(request_id)
                 raise
 
-    async def stream(self, message: Message) -> AsyncIterator[Message]:
-        """Send a streaming request and yield its replies; the last one ended the stream.
+    def stream(self, message: Message) -> ReplyStream:
+        """Send a streaming request; iterate the result for its replies (the last one ends it).
 
-        Leaving the loop early (break, exception, cancellation) cancels the request on the
-        server. Raises RemoteError when the server ends the stream with an ErrorReply.
+        Leaving the loop early (break, exception, task cancellation) cancels the request on
+        the server; so does `aclose()` or leaving `async with conn.stream(...) as replies`.
+
+        Raises (while iterating):
+            RemoteError: the server ended the stream with an ErrorReply.
+            PeerClosed, ...: the connection failed.
         """
-        async with self._slots:
-            queue: asyncio.Queue[Any] = asyncio.Queue()
-            request_id = await self._start(message, queue)
-            finished = False
-            try:
-                while True:
-                    item = await queue.get()
-                    if isinstance(item, BaseException):
-                        finished = True
-                        raise item
-                    assert isinstance(item, ReplyReceived)
-                    if isinstance(item.message, ErrorReply):
-                        finished = True
-                        raise _remote_error(item)
-                    if item.end:
-                        finished = True
-                    yield item.message
-                    if finished:
-                        return
-            finally:
-                if not finished:
-                    self._cancel(request_id)
+        return ReplyStream(self, message)
 
     async def ping(self, *, timeout: float | None = 10.0) -> float:
         """Round-trip time of an encrypted Ping/Pong, in seconds."""
@@ -514,6 +509,81 @@ class Connection:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+
+class ReplyStream:
+    """The replies to one streaming request (from `Connection.stream`).
+
+    An async iterator and an async context manager. Replies received but not yet consumed
+    are buffered; abandoning the stream (break, aclose, garbage collection) cancels the
+    request on the server at once.
+    """
+
+    def __init__(self, connection: Connection, message: Message) -> None:
+        self._connection = connection
+        self._message = message
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._request_id: int | None = None
+        self._slot_held = False
+        self._finished = False
+
+    def __aiter__(self) -> ReplyStream:
+        return self
+
+    async def __anext__(self) -> Message:
+        if self._finished:
+            raise StopAsyncIteration
+        conn = self._connection
+        if self._request_id is None:
+            await conn._slots.acquire()
+            self._slot_held = True
+            try:
+                self._request_id = await conn._start(self._message, self._queue)
+            except BaseException:
+                self._done()
+                raise
+        try:
+            item = await self._queue.get()
+        except BaseException:
+            self._abandon()
+            raise
+        if isinstance(item, BaseException):
+            self._done()
+            raise item
+        assert isinstance(item, ReplyReceived)
+        if isinstance(item.message, ErrorReply):
+            self._done()
+            raise _remote_error(item)
+        if item.end:
+            self._done()
+        return item.message
+
+    def _done(self) -> None:
+        self._finished = True
+        if self._slot_held:
+            self._slot_held = False
+            self._connection._slots.release()
+
+    def _abandon(self) -> None:
+        if not self._finished:
+            if self._request_id is not None:
+                self._connection._cancel(self._request_id)
+            self._done()
+
+    async def aclose(self) -> None:
+        """Stop reading; cancels the request on the server if it has not ended."""
+        self._abandon()
+
+    async def __aenter__(self) -> ReplyStream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._abandon()
+
+    def __del__(self) -> None:
+        if not self._finished and self._request_id is not None:
+            with contextlib.suppress(Exception):
+                self._abandon()
 
 
 def _streams(message: Message) -> bool:
@@ -608,7 +678,7 @@ async def _open_ws(url: str, *, limits: Limits, ssl: ssl_module.SSLContext | Non
         return await ws_connect(
             url,
             compression=None,
-            max_size=_ws_max_size(limits),
+            max_size=_HANDSHAKE_MAX,
             ping_interval=None,
             ping_timeout=None,
             open_timeout=None,
@@ -687,6 +757,7 @@ async def _connect(
         with contextlib.suppress(Exception):
             await ws.close(int(CloseCode.GOING_AWAY))
         raise
+    _raise_ws_limit(ws, limits)
     driver.start()
     return Connection(driver, protocol, url)
 
@@ -752,7 +823,8 @@ class Request:
     @property
     def done(self) -> bool:
         """True once the request has its final reply (or cannot get one any more)."""
-        return not self.connection._protocol.is_active(self.id) or self.connection.closed
+        protocol = self.connection._protocol
+        return protocol.state is State.CLOSED or not protocol.is_active(self.id) or self.connection.closed
 
     async def wait_cancelled(self) -> None:
         await self._cancelled.wait()
@@ -1052,6 +1124,7 @@ class Server:
                 self.refused += 1
                 return
             assert protocol.peer is not None
+            _raise_ws_limit(ws, self.limits)
             driver.describe = f"{describe} ({protocol.peer.fingerprint})"
             connection = ServerConnection(self, driver, protocol, remote)
             self.connections.add(connection)
@@ -1202,7 +1275,7 @@ async def serve(
         host,
         port,
         compression=None,
-        max_size=_ws_max_size(limits),
+        max_size=_HANDSHAKE_MAX,
         ping_interval=None,
         ping_timeout=None,
         close_timeout=5,

@@ -117,3 +117,57 @@ async def echo_handler(conn: ServerConnection) -> None:
         raise RequestFailed(ErrorCode.UNSUPPORTED, "not supported by the echo handler")
 
     await conn.serve_requests(on_request)
+
+
+class RawClient:
+    """A client that completes a real handshake, then sends whatever records a test builds."""
+
+    def __init__(self, ws: Any, protocol: ClientProtocol) -> None:
+        self.ws = ws
+        self.protocol = protocol
+        self.next_request_id = 1
+
+    @classmethod
+    async def open(cls, url: str, keys: KeyPair, server_key: Any, *, pattern: str = "IK", **kwargs: Any) -> RawClient:
+        from websockets.asyncio.client import connect as ws_connect
+
+        ws = await ws_connect(url, compression=None, max_size=None, ping_interval=None, proxy=None)
+        protocol = ClientProtocol(keys, server_key, pattern=pattern, **kwargs)
+        for record in protocol.data_to_send():
+            await ws.send(record)
+        while protocol.state.name == "HANDSHAKE":
+            protocol.receive_data(await ws.recv())
+            for record in protocol.data_to_send():
+                await ws.send(record)
+        return cls(ws, protocol)
+
+    def seal(self, message: Any, *, request_id: int | None = None, flags: int = 0) -> bytearray:
+        """One record (not sent) carrying `message`; request ids increase by default."""
+        from tether.protocol._frames import encode_frame
+
+        if request_id is None:
+            request_id = self.next_request_id
+            self.next_request_id += 1
+        assert self.protocol.transport is not None
+        (record,) = self.protocol.transport.seal(encode_frame(message, request_id=request_id, flags=flags))
+        return record
+
+    def seal_plaintext(self, plaintext: bytes) -> bytearray:
+        assert self.protocol.transport is not None
+        return self.protocol.transport.seal_plaintext(plaintext)
+
+    async def send(self, *records: bytes | bytearray) -> None:
+        for record in records:
+            await self.ws.send(bytes(record))
+
+    async def close_code(self, timeout: float = 5.0) -> int:
+        """Read until the server closes; returns the close code it sent."""
+        from websockets.exceptions import ConnectionClosed
+
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    await self.ws.recv()
+        except ConnectionClosed as exc:
+            assert exc.rcvd is not None, "closed without a close frame"
+            return int(exc.rcvd.code)
