@@ -211,15 +211,27 @@ class SessionManager:
 
     # -- KV memory budget -----------------------------------------------------------------
 
+    @staticmethod
+    def _capacity(tokens: int) -> int:
+        """Positions a cache holding `tokens` has allocated: the torch backend allocates at
+        least 256 and doubles (conservative for other backends)."""
+        if tokens <= 0:
+            return 0
+        cap = 256
+        while cap < tokens:
+            cap *= 2
+        return cap
+
     def _session_bytes(self, s: CloudSession, tokens: int | None = None, chat: int | None = None,
                        fraction: float | None = None) -> int:
         t = s.kv_tokens if tokens is None else tokens
-        c = s.chat_tokens if chat is None else chat
+        t = self._capacity(max(t, s.kv_peak)) if s.kv_peak or t else 0
+        c = self._capacity(s.chat_tokens if chat is None else chat)
         f = s.kv_fraction if fraction is None else fraction
         return int((t * f + c) * self.kv_bytes_per_token)
 
     def kv_bytes(self) -> int:
-        """Estimated bytes held (or about to be) by all sessions' caches."""
+        """Estimated bytes allocated (or about to be) by all sessions' caches."""
         return sum(self._session_bytes(s) for s in self._sessions.values())
 
     def reserve_kv(self, s: CloudSession, tokens: int | None = None, *, chat_tokens: int | None = None,
@@ -246,6 +258,7 @@ class SessionManager:
             victim.evict("memory")
         if tokens is not None:
             s.kv_tokens = tokens
+            s.kv_peak = max(s.kv_peak, tokens)
         if chat_tokens is not None:
             s.chat_tokens = chat_tokens
         if layer_fraction is not None:

@@ -98,6 +98,7 @@ class CloudSession:
         self.last_used = time.monotonic()
         self.kv_tokens = 0  # positions this session's cache holds or is about to hold
         self.chat_tokens = 0  # positions held by a chat completion's temporary cache
+        self.kv_peak = 0  # most positions the cache ever held (allocation does not shrink)
         self.kv_fraction = 1.0  # share of the layers this session's cache covers (split computing)
 
     def __repr__(self) -> str:
@@ -327,6 +328,7 @@ class CloudSession:
             self._m.model.release(self._state)
             self._state = None
         self.kv_tokens = 0
+        self.kv_peak = 0
 
     # -- operations -----------------------------------------------------------------------
 

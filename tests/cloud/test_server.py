@@ -144,7 +144,7 @@ async def test_errors_limits_and_allowlist(tiny_lm, server_keys, client_keys) ->
 
 async def test_eviction_and_idle_timeout_reach_the_client(tiny_lm, server_keys, client_keys) -> None:  # type: ignore[no-untyped-def]
     bpt = SessionManager(tiny_lm).kv_bytes_per_token
-    async with _server(tiny_lm, server_keys, client_keys, kv_budget_bytes=bpt * 40, idle_timeout_s=0.5) as srv:
+    async with _server(tiny_lm, server_keys, client_keys, kv_budget_bytes=bpt * 400, idle_timeout_s=0.5) as srv:
         cloud = await _cloud(srv, client_keys)
         a, b = await cloud.new_session(), await cloud.new_session()
         await a.open()
