@@ -7,6 +7,7 @@ import pytest
 PUBLIC_MODULES = [
     "tether",
     "tether.runtime",
+    "tether.models",
     "tether.edge",
     "tether.cloud",
     "tether.protocol",

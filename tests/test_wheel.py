@@ -19,6 +19,7 @@ PUBLIC_MODULES = [
     "tether",
     "tether.cli",
     "tether.runtime",
+    "tether.models",
     "tether.edge",
     "tether.cloud",
     "tether.protocol",
