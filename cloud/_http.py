@@ -421,7 +421,7 @@ class HttpCloudSession:
             choice = data["choices"][0]
             text = choice["message"]["content"] or ""
             usage = data.get("usage") or {}
-            finish = "length" if choice.get("finish_reason") == "length" else "stop"
+            finish: Any = "length" if choice.get("finish_reason") == "length" else "stop"
         except (KeyError, IndexError, TypeError) as exc:
             raise BackendError("engine reply has no chat message") from exc
         return ChatResult(text=text, prompt_tokens=int(usage.get("prompt_tokens", 0)),

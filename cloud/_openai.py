@@ -294,8 +294,8 @@ class OpenAIApp:
                     entry[str(j)] = {"logprob": v, "rank": rank,
                                      "decoded_token": _token_str(tok, j, as_ids)}
                 if str(t) not in entry:
-                    rank = (ids.index(t) + 1) if t in ids else None
-                    entry[str(t)] = {"logprob": p_lp[i], "rank": rank, "decoded_token": _token_str(tok, t, as_ids)}
+                    actual_rank = (ids.index(t) + 1) if t in ids else None
+                    entry[str(t)] = {"logprob": p_lp[i], "rank": actual_rank, "decoded_token": _token_str(tok, t, as_ids)}
                 rows.append(entry)
             choice["prompt_logprobs"] = rows
         return {"id": rid, "object": "text_completion", "created": created, "model": m.model_name,

@@ -184,7 +184,7 @@ class CloudServer:
         config = uvicorn.Config(app, host=self.http_host, port=self.http_port or 0, log_level="warning",
                                 lifespan="off", access_log=False)
         self._http = uvicorn.Server(config)
-        self._http.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # we own signals
+        self._http.install_signal_handlers = lambda: None  # we own the signals
         self._http_task = asyncio.get_running_loop().create_task(self._http.serve())
         while not self._http.started:
             if self._http_task.done():
@@ -335,13 +335,13 @@ class CloudServer:
         if isinstance(msg, Chat):
             s, owned = await self._chat_session(msg, sessions)
             try:
-                res = await s.chat([{"role": m.role, "content": m.content} for m in msg.messages],
-                                   max_tokens=msg.max_tokens, temperature=float(msg.sampling.temperature))
+                chat = await s.chat([{"role": m.role, "content": m.content} for m in msg.messages],
+                                    max_tokens=msg.max_tokens, temperature=float(msg.sampling.temperature))
             finally:
                 if owned:
                     await s.close()
-            return ChatChunk(text=res.text, finish_reason=res.finish_reason, prompt_tokens=res.prompt_tokens,
-                             completion_tokens=res.completion_tokens, session_id=msg.session_id)
+            return ChatChunk(text=chat.text, finish_reason=chat.finish_reason, prompt_tokens=chat.prompt_tokens,
+                             completion_tokens=chat.completion_tokens, session_id=msg.session_id)
         if isinstance(msg, Rollback):
             s = self._session(sessions, msg.session_id)
             return RolledBack(session_id=s.id, length=await s.rollback(msg.length))
