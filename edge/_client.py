@@ -21,6 +21,9 @@ from tether.edge._connectors import InProcessCloud, LazyCloud
 from tether.edge._edge_model import EdgeModel
 from tether.edge._link import EmulatedLink
 from tether.edge._loop import Generation
+from tether.edge._minions import run_ask
+from tether.edge._minions_remote import ChatModel, SessionChat
+from tether.edge._minions_types import AskResult, MinionsOptions
 from tether.edge._proposer import DraftSettings, EdgeDrafter
 from tether.edge._remote import CloudConnector, CloudLink, ResilienceOptions
 from tether.edge._speculative import CloudScorer, SpeculativeOptions, SpeculativeStrategy
@@ -242,6 +245,58 @@ class EdgeClient:
         )
         return await gen.collect()
 
+    # -- Minion / MinionS: the document stays here, the cloud plans --------------------
+
+    async def ask(
+        self,
+        task: str,
+        *,
+        documents: Sequence[str],
+        mode: str = "minions",
+        max_rounds: int = 3,
+        remote: ChatModel | None = None,
+        options: MinionsOptions | None = None,
+    ) -> AskResult:
+        """Answer a task about private documents without sending them (Minion / MinionS).
+
+        The remote model plans and reasons; the edge model reads the documents. Only the
+        task, chunk counts and what the edge model writes leave the device (docs/minions.md).
+
+        Args:
+            task: the question or instruction.
+            documents: the private texts (they never leave the device).
+            mode: ``"minions"`` (the cloud plans jobs that the edge runs over chunks, in
+                parallel) or ``"minion"`` (the cloud questions the edge, which reads everything).
+            max_rounds: most rounds of edge work; after the last the cloud must answer.
+            remote: the remote model; default the client's cloud (its chat operation).
+                Pass `OpenAIChat(...)` for any OpenAI-compatible endpoint.
+            options: sizes, limits and prices (`MinionsOptions`).
+
+        Returns:
+            `AskResult`: the answer, the round-by-round transcript, and `cost`.
+
+        Raises:
+            ConfigurationError, ValueError: a bad argument, or no remote model; nothing was sent.
+            MinionsFailed: the remote's replies broke the schema even after one re-ask; its
+                ``partial`` holds the transcript. The client stays usable.
+            CloudUnavailableError, RemoteChatError: the remote model failed or refused.
+        """
+        if self._closed:
+            raise ConfigurationError("this client is closed")
+        owned: SessionChat | None = None
+        if remote is None:
+            if self.cloud is None:
+                raise ConfigurationError(
+                    "ask needs a remote model: use EdgeClient.local() / connect(), or pass remote=OpenAIChat(...)"
+                )
+            remote = owned = SessionChat(self.cloud)
+        try:
+            return await run_ask(self.edge, remote, task, documents, mode=mode, max_rounds=max_rounds,
+                                 options=options)
+        finally:
+            if owned is not None:
+                await owned.aclose()
+
     # -- wiring (the factory: every part is injected here, so tests can swap any) -------
 
     def _build(
@@ -407,6 +462,10 @@ class Client:
     def stream(self, prompt: Prompt, **kwargs: Any) -> SyncGeneration:
         """See `EdgeClient.stream`; returns a blocking iterator of `StreamToken`s."""
         return SyncGeneration(self, self.aclient.stream(prompt, **kwargs))
+
+    def ask(self, task: str, **kwargs: Any) -> AskResult:
+        """See `EdgeClient.ask` (Minion / MinionS)."""
+        return self._call(self.aclient.ask(task, **kwargs))
 
     def close(self) -> None:
         """Close the client and stop its event-loop thread."""

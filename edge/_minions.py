@@ -1,0 +1,323 @@
+"""MinionS: the cloud plans declarative jobs, the edge runs them over chunks in parallel, the cloud synthesises.
+
+What belongs here: the MinionS protocol core (a sans-I/O generator), its prompts, and the
+async driver that runs either protocol against a remote `ChatModel` and the edge model.
+What does not: the plan schema (`_minions_plan.py`), chunking (`_chunking.py`), decoding
+(`_minions_edge.py`), Minion (`_minion.py`).
+
+Narayan et al., "Minions" (2025), the MinionS protocol, with one change for safety: the
+paper's remote model writes Python that builds the jobs; here it writes a JSON plan that
+is validated against a bounded schema and never executed. Each round the remote replies
+``{"action": "jobs", "jobs": [...]}`` or ``{"action": "answer", ...}``; the edge runs every
+job on every selected chunk, drops abstentions, and sends back compact results
+``{"job", "chunk", "answer", "citation"}``. After `max_rounds` rounds of jobs the remote
+must answer.
+
+What leaves the device: the task, the number of documents and chunks, the remote's own
+previous replies, and the edge model's non-abstaining results (answers and, unless
+``send_citations=False``, short quotes; each cut to ``max_result_chars``). Never a chunk.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+from tether.cloud import ChatResult
+from tether.edge._chunking import Chunk, chunk_documents, contains_any
+from tether.edge._cost import CostReport, RoundCost
+from tether.edge._edge_model import EdgeModel
+from tether.edge._minion import documents_block, minion_flow
+from tether.edge._minions_edge import BatchGenerator, EdgeOutput, EdgePrompt, encode_segments, render_segments
+from tether.edge._minions_plan import (
+    FinalAnswer,
+    Job,
+    Plan,
+    PlanLimits,
+    ReplyTooLarge,
+    SchemaViolation,
+    parse_plan,
+    parse_worker_reply,
+)
+from tether.edge._minions_remote import ChatModel
+from tether.edge._minions_types import (
+    ASK_MODES,
+    AskResult,
+    CloudRequest,
+    EdgeRequest,
+    Flow,
+    MinionsOptions,
+    Round,
+    Session,
+    Timed,
+    WorkerResult,
+)
+from tether.errors import ConfigurationError
+
+CLOUD_SYSTEM = (
+    "You answer a task about private documents that you cannot see. A small local model can read them; "
+    "they are cut into numbered chunks. Each turn, reply with one JSON object, either\n"
+    '{"action": "jobs", "jobs": [{"instruction": "...", "chunks": "all", "hints": "..."}]}\n'
+    "to have the local model do each instruction on each selected chunk, or\n"
+    '{"action": "answer", "answer": "..."}\n'
+    'when you can answer. "chunks" is "all", a list of chunk ids, or {"contains_any": ["keyword", ...]} '
+    "(the chunks that contain a keyword: use a distinctive name from the task to skip unrelated chunks). "
+    "The local model is weak: give it simple extraction instructions, one fact each "
+    '(e.g. "What was the revenue of the X division in Q3? Give the number."), and do any arithmetic yourself. '
+    "Chunks without the fact return nothing. Results come back as JSON lines with job, chunk, answer and citation."
+)
+
+EDGE_SYSTEM = (
+    "You read one excerpt of a private document and do one task using only that excerpt. Reply with one JSON "
+    'object {"answer": ..., "citation": "..."}: "answer" is the result found in this excerpt, or null if the '
+    'excerpt does not contain it; "citation" quotes the sentence that supports the answer.'
+)
+EDGE_JSON_START = '{"answer":'
+
+
+def worker_prompt(tokenizer: Any, chunk: Chunk, job: Job, *, max_new_tokens: int) -> EdgePrompt:
+    """The edge model's prompt for one job on one chunk; the chunk part is the cached prefix."""
+    where = f" (section: {chunk.section})" if chunk.section else ""
+    task = f"Task: {job.instruction}\n"
+    if job.hints:
+        task += f"Hints: {job.hints}\n"
+    task += "If the excerpt does not contain it, answer null. Reply with the JSON object only."
+    segments = render_segments(tokenizer, [
+        {"role": "system", "content": EDGE_SYSTEM},
+        {"role": "user", "content": [f"Excerpt{where}:\n{chunk.text}\n", task]},
+    ], assistant_prefill=EDGE_JSON_START)
+    return EdgePrompt(prefix=tuple(encode_segments(tokenizer, segments[:1])),
+                      suffix=tuple(encode_segments(tokenizer, segments[1:])),
+                      max_new_tokens=max_new_tokens, json_prefix=EDGE_JSON_START)
+
+
+def _overview(chunks: Sequence[Chunk], n_docs: int) -> str:
+    per_doc = [sum(1 for c in chunks if c.document == d) for d in range(n_docs)]
+    if n_docs == 1:
+        return f"1 document, {len(chunks)} chunks (ids 0-{len(chunks) - 1})."
+    spans, start = [], 0
+    for d, n in enumerate(per_doc):
+        spans.append(f"document {d}: chunks {start}-{start + n - 1}" if n else f"document {d}: empty")
+        start += n
+    return f"{n_docs} documents, {len(chunks)} chunks ({'; '.join(spans)})."
+
+
+def resolve(plan: Plan, chunks: Sequence[Chunk], n_docs: int, limits: PlanLimits) -> list[tuple[int, int]]:
+    """The (job index, chunk id) pairs a plan asks for, checked against what exists.
+
+    Raises:
+        SchemaViolation: a chunk id or document index does not exist.
+        ReplyTooLarge: more than ``limits.max_edge_runs`` pairs.
+    """
+    pairs: list[tuple[int, int]] = []
+    for j, job in enumerate(plan.jobs):
+        sel = job.chunks
+        path = f"jobs[{j}].chunks"
+        if sel.kind == "all":
+            ids = [c.id for c in chunks]
+        elif sel.kind == "ids":
+            bad = [i for i in sel.ids if i >= len(chunks)]
+            if bad:
+                raise SchemaViolation(f"{path} names chunk {bad[0]}, but ids run 0-{len(chunks) - 1}", path=path)
+            ids = list(sel.ids)
+        elif sel.kind == "documents":
+            bad = [i for i in sel.ids if i >= n_docs]
+            if bad:
+                raise SchemaViolation(f"{path} names document {bad[0]}, but there are {n_docs}", path=path)
+            ids = [c.id for c in chunks if c.document in sel.ids]
+        else:
+            ids = [c.id for c in chunks if contains_any(c, sel.keywords)]
+        pairs.extend((j, i) for i in ids)
+    if len(pairs) > limits.max_edge_runs:
+        raise ReplyTooLarge(f"the plan needs {len(pairs)} edge runs; the limit per round is {limits.max_edge_runs}",
+                            path="jobs", size=len(pairs), limit=limits.max_edge_runs)
+    return pairs
+
+
+def _results_message(index: int, results: Sequence[WorkerResult], runs: int, empty_jobs: Sequence[int],
+                     omitted: int, rounds_left: int) -> str:
+    lines = [f"Results of round {index}: {len(results) + omitted} of {runs} runs found something."]
+    if empty_jobs:
+        lines.append("Jobs that selected no chunk: " + ", ".join(map(str, empty_jobs)) + ".")
+    lines += [json.dumps(r.to_dict(), ensure_ascii=False) for r in results]
+    if omitted:
+        lines.append(f"({omitted} more results omitted.)")
+    lines.append(f"Rounds of jobs left: {rounds_left}." if rounds_left else
+                 'No rounds left: reply now with {"action": "answer", "answer": "..."}.')
+    return "\n".join(lines)
+
+
+def minions_flow(
+    tokenizer: Any,
+    task: str,
+    documents: Sequence[str],
+    *,
+    max_rounds: int,
+    options: MinionsOptions,
+    whole_document_tokens: int,
+) -> Flow:
+    """The MinionS protocol core. Yields `CloudRequest` / `EdgeRequest`; returns `AskResult`.
+
+    Raises:
+        MinionsFailed: the cloud's replies broke the schema even after a re-ask.
+    """
+    chunks = chunk_documents(documents, options.chunking,
+                             count_tokens=lambda s: len(tokenizer.encode(s, add_special_tokens=False)))
+    if not chunks:
+        raise ConfigurationError("the documents are empty")
+    lim = options.limits
+    session = Session(
+        mode="minions",
+        messages=[{"role": "system", "content": CLOUD_SYSTEM},
+                  {"role": "user", "content": f"Task: {task}\nDocuments: {_overview(chunks, len(documents))}\n"
+                                              f"Rounds of jobs left: {max_rounds}."}],
+        options=options,
+        cost=CostReport(whole_document_tokens=whole_document_tokens, pricing=options.pricing),
+    )
+    for index in range(1, max_rounds + 2):
+        final = index > max_rounds
+        round_cost = RoundCost()
+        pairs: list[tuple[int, int]] = []
+
+        def parse(text: str, final: bool = final) -> Plan | FinalAnswer:
+            nonlocal pairs
+            turn = parse_plan(text, lim)
+            if isinstance(turn, Plan):
+                if final:
+                    raise SchemaViolation("no rounds are left: the action must be 'answer'", path="action")
+                pairs = resolve(turn, chunks, len(documents), lim)
+            return turn
+
+        turn, _, exchanges = yield from session.cloud_turn(index, parse, round_cost)
+        if isinstance(turn, FinalAnswer):
+            session.cost.rounds.append(round_cost)
+            session.rounds.append(Round(index=index, cloud=exchanges, cost=round_cost))
+            return AskResult(answer=turn.answer, mode="minions", rounds=tuple(session.rounds), cost=session.cost,
+                             forced=final)
+        prompts = tuple(worker_prompt(tokenizer, chunks[c], turn.jobs[j], max_new_tokens=options.edge_max_tokens)
+                        for j, c in pairs)
+        outputs: list[EdgeOutput] = []
+        if prompts:
+            reply: Timed[list[EdgeOutput]] = yield EdgeRequest(prompts=prompts)
+            outputs = reply.value
+            round_cost.edge_s += reply.seconds
+        results: list[WorkerResult] = []
+        for (j, c), out in zip(pairs, outputs, strict=True):
+            round_cost.edge_calls += 1
+            round_cost.edge_prompt_tokens += out.prompt_tokens
+            round_cost.edge_prefilled_tokens += out.prefilled_tokens
+            round_cost.edge_completion_tokens += out.completion_tokens
+            parsed = parse_worker_reply(out.text, max_chars=options.max_result_chars)
+            if parsed.answer is None:
+                continue
+            results.append(WorkerResult(job=j, chunk=c, answer=parsed.answer,
+                                        citation=parsed.citation if options.send_citations else ""))
+        sent = results[: options.max_results]
+        empty_jobs = [j for j in range(len(turn.jobs)) if all(p[0] != j for p in pairs)]
+        session.messages.append({"role": "user", "content": _results_message(
+            index, sent, len(pairs), empty_jobs, len(results) - len(sent), max_rounds - index)})
+        session.cost.rounds.append(round_cost)
+        session.rounds.append(Round(index=index, cloud=exchanges, jobs=turn.jobs, results=tuple(sent),
+                                    edge_runs=len(pairs), abstained=len(pairs) - len(results), cost=round_cost))
+    raise AssertionError("unreachable: the last round is forced to answer")  # pragma: no cover
+
+
+# -- the driver ---------------------------------------------------------------------------------------
+
+_GENERATORS: weakref.WeakKeyDictionary[EdgeModel, BatchGenerator] = weakref.WeakKeyDictionary()
+
+
+def edge_generator(edge: EdgeModel, options: MinionsOptions) -> BatchGenerator:
+    """The edge model's batch generator (one per `EdgeModel`, so its prefix cache is shared)."""
+    gen = _GENERATORS.get(edge)
+    if gen is None:
+        gen = BatchGenerator(edge.runtime, edge.tokenizer, eos_ids=edge.eos_token_ids,
+                             max_batch=options.edge_batch, cache_tokens=options.edge_cache_tokens)
+        _GENERATORS[edge] = gen
+    gen.max_batch = options.edge_batch
+    gen.cache_tokens = options.edge_cache_tokens
+    return gen
+
+
+def whole_document_tokens(tokenizer: Any, task: str, documents: Sequence[str]) -> int:
+    """Cloud prompt tokens of sending every document with the task (counted with `tokenizer`)."""
+    segments = render_segments(tokenizer, [{"role": "user", "content": [documents_block(documents), task]}])
+    return len(encode_segments(tokenizer, segments))
+
+
+def make_flow(edge: EdgeModel, task: str, documents: Sequence[str], *, mode: str, max_rounds: int,
+              options: MinionsOptions) -> Flow:
+    """Build a protocol core (tokenizes and chunks: call it on the edge thread)."""
+    baseline = whole_document_tokens(edge.tokenizer, task, documents)
+    if mode == "minion":
+        flow = minion_flow(edge.tokenizer, task, documents, max_rounds=max_rounds, options=options,
+                           max_positions=edge.runtime.info.max_positions, whole_document_tokens=baseline)
+    else:
+        flow = minions_flow(edge.tokenizer, task, documents, max_rounds=max_rounds, options=options,
+                            whole_document_tokens=baseline)
+    return flow
+
+
+async def run_ask(
+    edge: EdgeModel,
+    remote: ChatModel,
+    task: str,
+    documents: Sequence[str],
+    *,
+    mode: str = "minions",
+    max_rounds: int = 3,
+    options: MinionsOptions | None = None,
+) -> AskResult:
+    """Run Minion or MinionS: drive the protocol core against the remote model and the edge model.
+
+    Raises:
+        ConfigurationError, ValueError: a bad argument (nothing was sent).
+        MinionsFailed: the cloud's replies broke the schema even after a re-ask
+            (``.partial`` holds the transcript so far).
+        CloudUnavailableError, RemoteChatError: the remote model failed or refused.
+    """
+    if mode not in ASK_MODES:
+        raise ConfigurationError(f"unknown ask mode {mode!r}; choose one of {', '.join(ASK_MODES)}")
+    if not isinstance(task, str) or not task.strip():
+        raise ValueError("task must be a non-empty string")
+    if isinstance(documents, str) or not documents or not all(isinstance(d, str) for d in documents):
+        raise ConfigurationError("documents must be a non-empty list of strings")
+    if not 1 <= max_rounds <= 16:
+        raise ValueError(f"max_rounds must be in [1, 16], got {max_rounds}")
+    opts = options or MinionsOptions()
+    gen = edge_generator(edge, opts)
+    docs = list(documents)
+    request, flow = await edge.run(
+        lambda: _started(make_flow(edge, task, docs, mode=mode, max_rounds=max_rounds, options=opts)))
+    try:
+        return await _drive(flow, request, remote, edge, gen)
+    finally:
+        flow.close()
+
+
+async def _drive(flow: Flow, request: Any, remote: ChatModel, edge: EdgeModel, gen: BatchGenerator) -> AskResult:
+    while True:
+        if isinstance(request, CloudRequest):
+            t0 = time.perf_counter()
+            res: ChatResult = await remote.chat(request.messages, max_tokens=request.max_tokens,
+                                                temperature=0.0, json_mode=request.json_mode)
+            reply: Any = Timed(res, time.perf_counter() - t0)
+        else:
+            assert isinstance(request, EdgeRequest)
+            t0 = time.perf_counter()
+            outs = await edge.run(gen.generate, request.prompts)
+            reply = Timed(outs, time.perf_counter() - t0)
+        try:
+            request = flow.send(reply)
+        except StopIteration as stop:
+            result: AskResult = stop.value
+            return result
+
+
+def _started(flow: Flow) -> tuple[Any, Flow]:
+    """Run the core to its first request (chunking and tokenizing happen here, on the edge thread)."""
+    return next(flow), flow
+
