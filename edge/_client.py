@@ -26,12 +26,14 @@ from tether.edge._minions_remote import ChatModel, SessionChat
 from tether.edge._minions_types import AskResult, MinionsOptions
 from tether.edge._proposer import DraftSettings, EdgeDrafter
 from tether.edge._remote import CloudConnector, CloudLink, ResilienceOptions
+from tether.edge._routing_strategies import ROUTING_MODES, RoutingStats, build_routing_strategy, query_text
 from tether.edge._speculative import CloudScorer, SpeculativeOptions, SpeculativeStrategy
 from tether.edge._stats import GenerationStats
 from tether.edge._strategies import CloudStrategy, EdgeFallback, EdgeStrategy, Strategy
 from tether.edge._text import Prompt, build_prompt
 from tether.edge._types import MODES, GenerationResult, StreamToken
 from tether.errors import ConfigurationError
+from tether.routing._options import RoutingOptions
 from tether.protocol import LinkEmulator
 from tether.sampling import make_generator, validate_warp
 
@@ -60,12 +62,14 @@ class EdgeClient:
         mode: str = "speculative",
         speculative: SpeculativeOptions | None = None,
         resilience: ResilienceOptions | None = None,
+        routing: RoutingOptions | None = None,
     ) -> None:
         _check_mode(mode)
         self.edge = edge
         self.cloud = cloud
         self.mode = mode
         self.speculative = speculative or SpeculativeOptions()
+        self.routing = routing or RoutingOptions()
         self.resilience = resilience or ResilienceOptions()
         self._closed = False
 
@@ -120,6 +124,52 @@ class EdgeClient:
         client = cls(edge, cloud, mode=mode, speculative=speculative, resilience=resilience)
         return client
 
+    @classmethod
+    async def connect(
+        cls,
+        url: str,
+        *,
+        server_key: Any,
+        edge_model: str | EdgeModel | None = None,
+        edge_backend: str = "torch",
+        edge_threads: int | None = None,
+        client_keys: Any = None,
+        token: str | None = None,
+        link: LinkEmulator | None = None,
+        mode: str = "speculative",
+        speculative: SpeculativeOptions | None = None,
+        resilience: ResilienceOptions | None = None,
+    ) -> EdgeClient:
+        """Connect to a `tether serve` cloud over the encrypted protocol.
+
+        The connection is made now, so a wrong URL or key fails here; later drops are
+        handled per generation (see `ResilienceOptions`).
+
+        Args:
+            url: ``ws://host:port`` (or ``wss://``).
+            server_key: the server's public key to pin (text or key file).
+            edge_model: edge registry name, path, or a loaded `EdgeModel`.
+            edge_backend, edge_threads: as for `local`.
+            client_keys: this device's `KeyPair` or key file (None: an ephemeral key).
+            token: bearer token the server may require.
+            link: emulate delay / jitter / bandwidth on the connection.
+            mode, speculative, resilience: as for the constructor.
+
+        Raises:
+            tether.cloud.CloudError: the server cannot be reached or refused the client.
+        """
+        from tether.edge._connect import connect_remote
+
+        cloud = await connect_remote(url, server_key=server_key, client_keys=client_keys, token=token, link=link)
+        try:
+            edge = edge_model if isinstance(edge_model, EdgeModel) else await asyncio.to_thread(
+                EdgeModel.load, edge_model, backend=edge_backend, threads=edge_threads
+            )
+        except BaseException:
+            await cloud.aclose()
+            raise
+        return cls(edge, cloud, mode=mode, speculative=speculative, resilience=resilience)
+
     async def warm_up(self) -> None:
         """Start the cloud now if it is started lazily (no-op otherwise)."""
         inner = self.cloud.inner if isinstance(self.cloud, EmulatedLink) else self.cloud
@@ -158,6 +208,7 @@ class EdgeClient:
         chat_template: bool | None = None,
         system: str | None = None,
         speculative: SpeculativeOptions | None = None,
+        routing: RoutingOptions | None = None,
     ) -> Generation:
         """Start a generation and iterate its tokens as they are committed.
 
@@ -181,7 +232,7 @@ class EdgeClient:
             )
         stops = [stop] if isinstance(stop, str) else list(stop or ())
         prompt_ids = build_prompt(self.edge.tokenizer, prompt, chat_template=chat_template, system=system)
-        stats = GenerationStats(mode=mode)
+        stats = RoutingStats(mode=mode) if mode in ROUTING_MODES else GenerationStats(mode=mode)
         strategy = self._build(
             mode,
             stats=stats,
@@ -189,6 +240,8 @@ class EdgeClient:
             sampling=SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed),
             seed=seed,
             speculative=speculative or self.speculative,
+            routing=routing or self.routing,
+            prompt=prompt,
         )
         return Generation(
             strategy,
@@ -214,13 +267,15 @@ class EdgeClient:
         chat_template: bool | None = None,
         system: str | None = None,
         speculative: SpeculativeOptions | None = None,
+        routing: RoutingOptions | None = None,
     ) -> GenerationResult:
         """Generate a completion.
 
         Args:
             prompt: a string (sent through the chat template when the tokenizer has one)
                 or OpenAI-style messages.
-            mode: ``"edge"``, ``"cloud"`` or ``"speculative"`` (default: the client's).
+            mode: ``"edge"``, ``"cloud"``, ``"speculative"``, ``"route-query"`` or
+                ``"route-token"`` (default: the client's).
             max_new_tokens: the most tokens to generate.
             temperature: 0 (default) for greedy decoding; > 0 samples. Speculative
                 output has exactly the cloud model's distribution either way.
@@ -230,6 +285,8 @@ class EdgeClient:
             chat_template: force (True) or skip (False) the chat template for a string.
             system: a system message to put first.
             speculative: per-call speculative settings.
+            routing: per-call routing settings (``route-query`` / ``route-token``: the
+                router and its threshold or cloud fraction; see `tether.routing`).
 
         Returns:
             `GenerationResult` with text, token ids, origins, finish reason and stats.
@@ -241,7 +298,7 @@ class EdgeClient:
         gen = self.stream(
             prompt, mode=mode, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
             top_k=top_k, seed=seed, stop=stop, chat_template=chat_template, system=system,
-            speculative=speculative,
+            speculative=speculative, routing=routing,
         )
         return await gen.collect()
 
@@ -308,6 +365,8 @@ class EdgeClient:
         sampling: SamplingParams,
         seed: int | None,
         speculative: SpeculativeOptions,
+        routing: RoutingOptions | None = None,
+        prompt: Prompt = "",
     ) -> Strategy:
         edge_seed = None if seed is None else (seed * 1_000_003 + 7) % (2**63)
         drafter = EdgeDrafter(self.edge.runtime, settings, make_generator(edge_seed))
@@ -315,10 +374,23 @@ class EdgeClient:
             return EdgeStrategy(self.edge, drafter, stats)
         assert self.cloud is not None
         fallback = EdgeFallback(self.edge, drafter, stats)
-        if mode == "cloud":
+
+        def make_cloud() -> CloudStrategy:
+            assert self.cloud is not None
             ids: list[int] = []
             link = CloudLink(self.cloud, sampling, self.resilience, stats, lambda: ids)
             return CloudStrategy(link, fallback, stats, self.edge.eos_token_ids, ids)
+
+        if mode == "cloud":
+            return make_cloud()
+        if mode in ROUTING_MODES:
+            cloud = self.cloud
+            return build_routing_strategy(
+                mode, edge=self.edge, options=routing or self.routing, stats=stats, settings=settings,
+                generator=make_generator(edge_seed), query_text=query_text(prompt),
+                make_link=lambda committed: CloudLink(cloud, sampling, self.resilience, stats, committed),
+                make_cloud=make_cloud,
+            )
         holder: list[SpeculativeStrategy] = []
         link = CloudLink(self.cloud, sampling, self.resilience, stats, lambda: holder[0].committed_ids())
         strategy = SpeculativeStrategy(
@@ -449,6 +521,11 @@ class Client:
         if not lazy:
             client.warm_up()
         return client
+
+    @classmethod
+    def connect(cls, url: str, *, server_key: Any, **kwargs: Any) -> Client:
+        """See `EdgeClient.connect`."""
+        return cls(lambda: EdgeClient.connect(url, server_key=server_key, **kwargs))
 
     def warm_up(self) -> None:
         """See `EdgeClient.warm_up`."""

@@ -23,18 +23,21 @@ class Origin(str, enum.Enum):
       the bonus token after a fully accepted draft).
     - ``EDGE_ONLY``: produced by the edge with no cloud check (edge mode, or speculative /
       cloud mode while the cloud was unreachable).
+    - ``EDGE_ROUTED``: produced by the edge because a router judged it good enough
+      (route-query / route-token modes); the cloud did not check it.
     """
 
     EDGE_ACCEPTED = "edge-accepted"
     CLOUD_CORRECTED = "cloud-corrected"
     CLOUD_GENERATED = "cloud-generated"
     EDGE_ONLY = "edge-only"
+    EDGE_ROUTED = "edge-routed"
 
 
-Mode = Literal["edge", "cloud", "speculative"]
+Mode = Literal["edge", "cloud", "speculative", "route-query", "route-token"]
 """Generation modes; later issues add routing, split and minions through the same API."""
 
-MODES: tuple[str, ...] = ("edge", "cloud", "speculative")
+MODES: tuple[str, ...] = ("edge", "cloud", "speculative", "route-query", "route-token")
 
 FinishReason = Literal["stop", "length"]
 """``"stop"``: an end-of-sequence token or a stop string; ``"length"``: `max_new_tokens` reached."""

