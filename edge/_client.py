@@ -170,52 +170,6 @@ class EdgeClient:
             raise
         return cls(edge, cloud, mode=mode, speculative=speculative, resilience=resilience)
 
-    @classmethod
-    async def connect(
-        cls,
-        url: str,
-        *,
-        server_key: Any,
-        edge_model: str | EdgeModel | None = None,
-        edge_backend: str = "torch",
-        edge_threads: int | None = None,
-        client_keys: Any = None,
-        token: str | None = None,
-        link: LinkEmulator | None = None,
-        mode: str = "speculative",
-        speculative: SpeculativeOptions | None = None,
-        resilience: ResilienceOptions | None = None,
-    ) -> EdgeClient:
-        """Connect to a `tether serve` cloud over the encrypted protocol.
-
-        The connection is made now, so a wrong URL or key fails here; later drops are
-        handled per generation (see `ResilienceOptions`).
-
-        Args:
-            url: ``ws://host:port`` (or ``wss://``).
-            server_key: the server's public key to pin (text or key file).
-            edge_model: edge registry name, path, or a loaded `EdgeModel`.
-            edge_backend, edge_threads: as for `local`.
-            client_keys: this device's `KeyPair` or key file (None: an ephemeral key).
-            token: bearer token the server may require.
-            link: emulate delay / jitter / bandwidth on the connection.
-            mode, speculative, resilience: as for the constructor.
-
-        Raises:
-            tether.cloud.CloudError: the server cannot be reached or refused the client.
-        """
-        from tether.edge._connect import connect_remote
-
-        cloud = await connect_remote(url, server_key=server_key, client_keys=client_keys, token=token, link=link)
-        try:
-            edge = edge_model if isinstance(edge_model, EdgeModel) else await asyncio.to_thread(
-                EdgeModel.load, edge_model, backend=edge_backend, threads=edge_threads
-            )
-        except BaseException:
-            await cloud.aclose()
-            raise
-        return cls(edge, cloud, mode=mode, speculative=speculative, resilience=resilience)
-
     async def warm_up(self) -> None:
         """Start the cloud now if it is started lazily (no-op otherwise)."""
         inner = self.cloud.inner if isinstance(self.cloud, EmulatedLink) else self.cloud
@@ -567,11 +521,6 @@ class Client:
         if not lazy:
             client.warm_up()
         return client
-
-    @classmethod
-    def connect(cls, url: str, *, server_key: Any, **kwargs: Any) -> Client:
-        """See `EdgeClient.connect`."""
-        return cls(lambda: EdgeClient.connect(url, server_key=server_key, **kwargs))
 
     @classmethod
     def connect(cls, url: str, *, server_key: Any, **kwargs: Any) -> Client:
