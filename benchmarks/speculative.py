@@ -1,0 +1,343 @@
+"""Speculative drafting on the real pair: tokens/s and cloud cost vs emulated round-trip time.
+
+Methods (same prompts, same run, greedy):
+- ``cloud``: the cloud model generates every token (one request per token over the link).
+- ``edge``: the edge model alone (no link; the same number at every RTT).
+- ``speculative-k4``: edge drafts k=4, cloud verifies, no pipelining.
+- ``speculative-adaptive``: cost-model draft length + pipelined drafting.
+- ``hf-assisted``: transformers' `generate(assistant_model=...)`, both models in one process,
+  no network (the reference; run once, shown at every RTT).
+
+Measuring honestly on one shared CPU: edge and cloud each get their own thread budget
+(`--edge-threads`, `--cloud-threads`, one each by default; transformers' assisted
+generation runs both models on `--cloud-threads`). Besides wall-clock tokens/s the JSON
+holds cloud forward passes and cloud compute seconds per committed token, which do not
+depend on that sharing. The link is emulated at the session level (`EmulatedLink`): half
+the RTT each way per request.
+
+Run: ``python -m tether.benchmarks.speculative`` (or ``tether bench speculative``); writes
+``benchmarks/results/speculative.json``, ``docs/speculative_rtt.png`` and a section of
+``docs/benchmarks.md``. Takes about 15 minutes with the defaults and ~11 GiB of memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PROMPTS = (
+    "Write a Python function that checks whether a number is prime.",
+    "Write a Python function that returns the n-th Fibonacci number iteratively.",
+    "Explain what a Python list comprehension is, with one short example.",
+    "Write a SQL query that returns the ten most recent orders from a table named orders.",
+)
+RTTS_MS = (0, 20, 50, 100)
+METHODS = ("cloud", "edge", "speculative-k4", "speculative-adaptive", "hf-assisted")
+ROOT = Path(__file__).resolve().parent.parent
+SECTION = "speculative"
+
+
+@dataclass
+class Tally:
+    """Totals of one method at one RTT over all prompts."""
+
+    tokens: int = 0
+    wall_s: float = 0.0
+    cloud_passes: int = 0
+    cloud_compute_s: float = 0.0
+    drafted: int = 0
+    accepted: int = 0
+    rounds: int = 0
+    outputs: list[list[int]] = field(default_factory=list)
+
+    def row(self) -> dict[str, Any]:
+        n = max(1, self.tokens)
+        return {
+            "tokens": self.tokens,
+            "wall_s": round(self.wall_s, 3),
+            "tokens_per_s": round(self.tokens / self.wall_s, 3) if self.wall_s else None,
+            "cloud_passes_per_token": round(self.cloud_passes / n, 3),
+            "cloud_compute_s_per_token": round(self.cloud_compute_s / n, 4),
+            "acceptance_rate": round(self.accepted / self.drafted, 3) if self.drafted else None,
+            "mean_draft_length": round(self.drafted / self.rounds, 2) if self.rounds else None,
+        }
+
+
+async def _client_runs(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> dict[str, list[list[int]]]:
+    import torch
+
+    from tether.cloud._config import CloudConfig
+    from tether.cloud._manager import SessionManager
+    from tether.edge import EdgeClient, EdgeModel, EmulatedLink, InProcessCloud, SpeculativeOptions
+    from tether.models import DEFAULT_CLOUD_MODEL, DEFAULT_EDGE_MODEL
+    from tether.runtime._loader import load_runtime
+
+    cloud_rt, tokenizer = load_runtime(DEFAULT_CLOUD_MODEL, "torch", progress=False)
+    edge = EdgeModel.load(DEFAULT_EDGE_MODEL, backend=args.edge_backend, threads=args.edge_threads, progress=False)
+    manager = SessionManager(cloud_rt, tokenizer=tokenizer, config=CloudConfig(batch_window_s=0.0))
+    await manager.start()
+    await manager.batcher.call(lambda: torch.set_num_threads(args.cloud_threads))
+    prompts = PROMPTS[: args.prompts]
+    specs = {
+        "cloud": ("cloud", None),
+        "edge": ("edge", None),
+        "speculative-k4": ("speculative", SpeculativeOptions(draft_length=4, pipeline=False)),
+        "speculative-adaptive": ("speculative", SpeculativeOptions(draft_length="adaptive", pipeline=True)),
+    }
+    cloud_outputs: dict[str, list[list[int]]] = {}
+    try:
+        # Warm-up: first calls pay for allocation and onnxruntime's first-run costs.
+        warm = EdgeClient(edge, InProcessCloud(manager))
+        for mode in ("edge", "speculative", "cloud"):
+            await warm.generate(prompts[0], mode=mode, max_new_tokens=4)
+        for rtt_ms in args.rtts:
+            for method in args.methods:
+                if method not in specs or (method == "edge" and rtt_ms != args.rtts[0]):
+                    continue
+                mode, opts = specs[method]
+                link = EmulatedLink.with_rtt(InProcessCloud(manager), rtt_ms / 1000)
+                client = EdgeClient(edge, link)
+                tally = Tally()
+                for prompt in prompts:
+                    r = await client.generate(prompt, mode=mode, max_new_tokens=args.max_new_tokens, speculative=opts)
+                    s = r.stats
+                    tally.tokens += s.completion_tokens
+                    tally.wall_s += s.wall_s
+                    tally.cloud_passes += s.cloud_forward_passes
+                    tally.cloud_compute_s += s.cloud_compute_s
+                    tally.drafted += s.drafted_tokens
+                    tally.accepted += s.accepted_tokens
+                    tally.rounds += s.rounds if mode == "speculative" else 0
+                    tally.outputs.append(list(r.token_ids))
+                row = tally.row()
+                if method == "cloud":
+                    cloud_outputs[str(rtt_ms)] = tally.outputs
+                elif mode == "speculative" and str(rtt_ms) in cloud_outputs:
+                    row["identical_to_cloud"] = tally.outputs == cloud_outputs[str(rtt_ms)]
+                results.setdefault(method, {})[str(rtt_ms)] = row
+                print(f"rtt {rtt_ms:>3} ms  {method:<22} {row}", flush=True)
+        if "edge" in results:
+            for rtt_ms in args.rtts:
+                results["edge"][str(rtt_ms)] = results["edge"][str(args.rtts[0])]
+    finally:
+        await manager.aclose()
+        edge.close()
+    return cloud_outputs
+
+
+def _hf_assisted(args: argparse.Namespace) -> tuple[dict[str, Any], list[list[int]]]:
+    import torch
+
+    from tether.models import DEFAULT_CLOUD_MODEL, DEFAULT_EDGE_MODEL, load_hf
+
+    torch.set_num_threads(args.cloud_threads)
+    target, tokenizer = load_hf(DEFAULT_CLOUD_MODEL, progress=False)
+    draft, _ = load_hf(DEFAULT_EDGE_MODEL, progress=False)
+    passes = [0]
+    target.register_forward_pre_hook(lambda *a: passes.__setitem__(0, passes[0] + 1))
+    tally = Tally()
+    prompts = PROMPTS[: args.prompts]
+    with torch.inference_mode():
+        for i, prompt in enumerate(prompts):
+            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                 add_generation_prompt=True)
+            ids = torch.tensor([tokenizer.encode(text, add_special_tokens=False)])
+            if i == 0:  # warm-up
+                target.generate(ids, assistant_model=draft, max_new_tokens=4, do_sample=False)
+            passes[0] = 0
+            t0 = time.perf_counter()
+            out = target.generate(ids, assistant_model=draft, max_new_tokens=args.max_new_tokens, do_sample=False,
+                                  attention_mask=torch.ones_like(ids))
+            tally.wall_s += time.perf_counter() - t0
+            new = out[0, ids.shape[1]:].tolist()
+            eos = set(target.generation_config.eos_token_id if isinstance(target.generation_config.eos_token_id, list)
+                      else [target.generation_config.eos_token_id])
+            new = [t for t in new if t not in eos and t != tokenizer.pad_token_id]
+            tally.tokens += len(new)
+            tally.cloud_passes += passes[0] - 1  # the prefill pass is not counted for the others either
+            tally.outputs.append(new)
+    return tally.row(), tally.outputs
+
+
+def _plot(results: dict[str, dict[str, Any]], rtts: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    styles = {"cloud": "o-", "edge": "s--", "speculative-k4": "^-", "speculative-adaptive": "D-", "hf-assisted": "x:"}
+    for method, rows in results.items():
+        ys = [rows.get(str(r), {}).get("tokens_per_s") for r in rtts]
+        if all(y is not None for y in ys):
+            ax.plot(rtts, ys, styles.get(method, "o-"), label=method)
+    ax.set_xlabel("emulated round-trip time (ms)")
+    ax.set_ylabel("committed tokens / s")
+    ax.set_title("Qwen2.5-Coder 0.5B drafting for 1.5B, greedy (1 thread each side)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def write_section(doc: Path, name: str, body: str) -> None:
+    """Replace (or append) the section between ``<!-- bench:NAME -->`` markers in `doc`.
+
+    Uses `tether.bench_cli.update_docs_section` when the docs are the repository's.
+    """
+    try:
+        from tether.bench_cli import update_docs_section
+
+        if doc.resolve() == (ROOT / "docs" / "benchmarks.md").resolve():
+            update_docs_section(name, body)
+            return
+    except ImportError:
+        pass
+    start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    text = doc.read_text() if doc.exists() else "# Benchmarks\n\nMeasured numbers and the commands that reproduce them.\n"
+    block = f"{start}\n{body.rstrip()}\n{end}"
+    if start in text and end in text:
+        before, rest = text.split(start, 1)
+        _, after = rest.split(end, 1)
+        text = before + block + after
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(text)
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    res, rtts, cond = report["results"], report["rtts_ms"], report["conditions"]
+    lines = [
+        "## Speculative drafting vs round-trip time",
+        "",
+        f"Command: `{cond['command']}`. Conditions: {cond['machine']}; greedy; {cond['prompts']} chat prompts, "
+        f"{cond['max_new_tokens']} new tokens each; edge `{cond['edge_model']}` on `{cond['edge_backend']}` "
+        f"({cond['edge_threads']} thread), cloud `{cond['cloud_model']}` on torch fp32 ({cond['cloud_threads']} thread), "
+        "both in one process sharing the CPU; link emulated per request (half the RTT each way); "
+        "transformers' assisted generation runs both models in one process with no network "
+        f"({cond['cloud_threads']} thread) and is shown at every RTT. One run; rough numbers.",
+        "",
+        "![tokens/s vs RTT](speculative_rtt.png)",
+        "",
+        "| method | " + " | ".join(f"{r} ms tok/s" for r in rtts) + " | cloud passes/token | cloud s/token | acceptance |",
+        "|---" * (len(rtts) + 4) + "|",
+    ]
+    for method, rows in res.items():
+        cells = [f"{rows[str(r)]['tokens_per_s']:.2f}" if rows.get(str(r), {}).get("tokens_per_s") else "-" for r in rtts]
+        first = rows[str(rtts[0])]
+        acc = first.get("acceptance_rate")
+        lines.append(
+            f"| {method} | " + " | ".join(cells)
+            + f" | {first['cloud_passes_per_token']:.2f} | {first['cloud_compute_s_per_token']:.3f} | "
+            + (f"{acc:.0%}" if acc is not None else "-") + " |"
+        )
+    lines += ["", "Targets (issue 6) and outcome:", ""]
+    for t in report["targets"]:
+        lines.append(f"- {t['target']}: measured {t['measured']} — {'met' if t['met'] else 'missed'}")
+    return "\n".join(lines)
+
+
+def _targets(res: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+
+    def tps(method: str, rtt: int) -> float | None:
+        row = res.get(method, {}).get(str(rtt))
+        return None if row is None else row.get("tokens_per_s")
+
+    def add(target: str, num: float | None, den: float | None, goal: float, better: str = ">=") -> None:
+        if num is None or den is None or den == 0:
+            return
+        ratio = num / den
+        met = ratio >= goal if better == ">=" else ratio <= goal
+        out.append({"target": target, "measured": f"{ratio:.2f}x", "met": met})
+
+    add("adaptive+pipelined >= 1.3x cloud tokens/s at 50 ms", tps("speculative-adaptive", 50), tps("cloud", 50), 1.3)
+    add("adaptive+pipelined >= 1.2x fixed k=4 tokens/s at 50 ms", tps("speculative-adaptive", 50),
+        tps("speculative-k4", 50), 1.2)
+    a, c = res.get("speculative-adaptive", {}).get("50"), res.get("cloud", {}).get("50")
+    if a and c:
+        add("cloud passes per token <= 0.5 of cloud-only (50 ms)", a["cloud_passes_per_token"],
+            c["cloud_passes_per_token"], 0.5, "<=")
+    add("adaptive+pipelined >= 0.9x transformers assisted tokens/s at 0 ms", tps("speculative-adaptive", 0),
+        tps("hf-assisted", 0), 0.9)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, default=3)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--rtts", type=int, nargs="+", default=list(RTTS_MS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--edge-backend", default="onnx-int4")
+    parser.add_argument("--edge-threads", type=int, default=1)
+    parser.add_argument("--cloud-threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "speculative.json")
+    parser.add_argument("--docs", type=Path, default=ROOT / "docs")
+    parser.add_argument("--no-docs", action="store_true", help="write the JSON only")
+    args = parser.parse_args(argv)
+
+    from tether.models import DEFAULT_CLOUD_MODEL, DEFAULT_EDGE_MODEL
+
+    results: dict[str, dict[str, Any]] = {}
+    t0 = time.time()
+    cloud_outputs = asyncio.run(_client_runs(args, results))
+    if "hf-assisted" in args.methods:
+        row, outputs = _hf_assisted(args)
+        first = cloud_outputs.get(str(args.rtts[0]))
+        if first is not None:
+            row["identical_to_cloud"] = outputs == first
+        results["hf-assisted"] = {str(r): row for r in args.rtts}
+        print(f"hf-assisted {row}", flush=True)
+    report = {
+        "benchmark": "speculative",
+        "rtts_ms": list(args.rtts),
+        "conditions": {
+            "command": "tether bench speculative " + " ".join(argv or []),
+            "machine": f"{platform.machine()} CPU, {__import__('os').cpu_count()} cores shared by edge and cloud",
+            "prompts": args.prompts,
+            "max_new_tokens": args.max_new_tokens,
+            "edge_model": DEFAULT_EDGE_MODEL,
+            "edge_backend": args.edge_backend,
+            "edge_threads": args.edge_threads,
+            "cloud_model": DEFAULT_CLOUD_MODEL,
+            "cloud_threads": args.cloud_threads,
+            "decoding": "greedy",
+            "seconds": round(time.time() - t0, 1),
+        },
+        "results": results,
+    }
+    report["targets"] = _targets(results)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    if not args.no_docs:
+        _plot(results, list(args.rtts), args.docs / "speculative_rtt.png")
+        write_section(args.docs / "benchmarks.md", SECTION, _markdown(report))
+    for t in report["targets"]:
+        print(("MET    " if t["met"] else "MISSED ") + f"{t['target']}: {t['measured']}")
+    return report
+
+
+def register(bench_app: Any) -> None:
+    """Add `tether bench speculative` (options as for ``python -m tether.benchmarks.speculative``)."""
+    import typer
+
+    @bench_app.command(
+        "speculative",
+        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+        help="Speculative drafting vs RTT on the real pair (see benchmarks/speculative.py; --help lists options).",
+    )
+    def _speculative(ctx: typer.Context) -> None:
+        main(list(ctx.args))
+
+
+if __name__ == "__main__":
+    main()
