@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 
 from tether.edge._stats import GenerationStats
 from tether.edge._strategies import Committed, Strategy
@@ -76,7 +76,7 @@ class Generation:
             pass
         return self.result
 
-    async def _run(self) -> AsyncIterator[StreamToken]:
+    async def _run(self) -> AsyncGenerator[StreamToken, None]:
         stats = self.stats
         t0 = time.perf_counter()
         ids: list[int] = []
