@@ -194,11 +194,14 @@ def generate(
     return docs
 
 
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+_NUMBER = re.compile(r"(?<![\w.])-?\d[\d,]*(?:\.\d+)?")  # not the 3 of "Q3"
 
 
 def numbers_in(text: str) -> list[float]:
-    """Every number in `text`, thousands separators removed (``"$1,234"`` -> 1234.0)."""
+    """Every number in `text`, thousands separators removed (``"$1,234"`` -> 1234.0).
+
+    Digits glued to letters (the 3 of ``"Q3"``) are not numbers.
+    """
     out: list[float] = []
     for m in _NUMBER.finditer(text):
         raw = m.group().replace(",", "")

@@ -228,6 +228,20 @@ class BatchGenerator:
             self._cache.remove(victim)
             self.model.release(victim.state)
 
+    def add_prefix(self, ids: Sequence[int], state: KVState, last_logits: torch.Tensor) -> None:
+        """Cache a prefix prefilled elsewhere (e.g. restored from disk); the cache owns `state` now.
+
+        Args:
+            ids: the tokens `state` holds.
+            state: a state of this generator's model holding exactly `ids`.
+            last_logits: [vocab], the model's prediction after the last of `ids`.
+        """
+        if state.length != len(ids):
+            raise ConfigurationError(f"the state holds {state.length} positions, not the {len(ids)} ids given")
+        entry = _Entry(ids=tuple(int(i) for i in ids), state=state, last_logits=last_logits)
+        self._cache.append(entry)
+        self._evict(keep=entry)
+
     def warm(self, prefixes: Sequence[Sequence[int]]) -> int:
         """Prefill (and cache) prefixes ahead of time; returns the tokens prefilled."""
         total = 0
