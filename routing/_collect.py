@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from tether.routing._signals import EdgeProbe, FloatArray, forward_with_hidden, probe_from_forward, token_signals
-from tether.runtime import CausalLM
+from tether.runtime import CausalLM, LayerwiseLM
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -131,3 +132,95 @@ def agreement_pairs(
     sig = token_signals(e_logits[rows])
     return AgreementPairs(hidden=e_hidden[rows].numpy().astype(np.float32), signals=sig.as_matrix(),
                           agree=(e_arg == c_arg).numpy().astype(np.float32))
+
+
+def _forward_hidden_batch(runtime: CausalLM, states: list[Any], token_ids: list[list[int]]) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    """Ragged-batched forward returning logits and (for torch) last-layer hidden states per sequence."""
+    fwd = getattr(runtime, "_forward", None)
+    if fwd is None or not isinstance(runtime, LayerwiseLM):
+        return runtime.extend_batch(states, token_ids), [None] * len(states)
+    # TorchCausalLM's ragged forward (what extend_batch runs), stopping before the head so the
+    # hidden states come out of the same pass.
+    lens = [len(t) for t in token_ids]
+    hidden = runtime.embed([t for ids in token_ids for t in ids])
+    hidden = fwd([runtime._own(s) for s in states], hidden, lens, 0, runtime.info.num_layers)  # type: ignore[attr-defined]
+    logits = runtime.head(hidden)
+    hs = hidden.float().cpu()
+    return list(logits.split(lens)), list(hs.split(lens))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TokenRun:
+    """One greedy route-token generation: tokens, which output positions the cloud supplied, scores."""
+
+    token_ids: tuple[int, ...]
+    routed: tuple[int, ...]
+    scores: tuple[float, ...]
+
+
+def route_tokens_batch(
+    edge: CausalLM,
+    cloud: CausalLM,
+    prompts: Sequence[Sequence[int]],
+    score: Callable[[torch.Tensor, torch.Tensor | None], float],
+    threshold: float,
+    *,
+    max_new_tokens: int,
+    eos_ids: Sequence[int],
+    is_done: Callable[[list[int]], bool] = lambda ids: False,
+) -> list[TokenRun]:
+    """Greedy route-token decoding of many prompts at once: the rule of ``mode="route-token"``, batched.
+
+    At each position the edge's logits (and hidden state) are scored; below `threshold`
+    the token is the cloud's argmax after the committed prefix (the cloud runs its pending
+    tokens in one ragged forward, as the session's ``score`` does), else the edge's argmax.
+    Used by the benchmark to sweep thresholds at batch throughput; `RouteTokenStrategy` is
+    the same rule over the cloud session API, one sequence at a time.
+    """
+    eos = set(eos_ids)
+    n = len(prompts)
+    es = [edge.new_state() for _ in range(n)]
+    cs = [cloud.new_state() for _ in range(n)]
+    logits, hidden = _forward_hidden_batch(edge, es, [list(p) for p in prompts])
+    nxt = [lg[-1] for lg in logits]
+    hid = [None if h is None else h[-1] for h in hidden]
+    out: list[list[int]] = [[] for _ in range(n)]
+    routed: list[list[int]] = [[] for _ in range(n)]
+    scores: list[list[float]] = [[] for _ in range(n)]
+    pending: list[list[int]] = [list(p) for p in prompts]  # committed tokens the cloud has not run
+    active = list(range(n))
+    while active:
+        to_cloud = []
+        for i in active:
+            s = score(nxt[i], hid[i])
+            scores[i].append(s)
+            if s < threshold:
+                to_cloud.append(i)
+        cloud_tok: dict[int, int] = {}
+        if to_cloud:
+            cl = cloud.extend_batch([cs[i] for i in to_cloud], [pending[i] for i in to_cloud])
+            for i, lg in zip(to_cloud, cl):
+                cloud_tok[i] = int(lg[-1].argmax())
+                pending[i] = []
+        feed = []
+        for i in active:
+            tok = cloud_tok[i] if i in cloud_tok else int(nxt[i].argmax())
+            if i in cloud_tok:
+                routed[i].append(len(out[i]))
+            if tok in eos:
+                continue
+            out[i].append(tok)
+            pending[i].append(tok)
+            if len(out[i]) < max_new_tokens and not is_done(out[i]):
+                feed.append(i)
+        active = feed
+        if active:
+            logits, hidden = _forward_hidden_batch(edge, [es[i] for i in active], [[out[i][-1]] for i in active])
+            for j, i in enumerate(active):
+                nxt[i] = logits[j][-1]
+                hid[i] = None if hidden[j] is None else hidden[j][-1]
+    for s in es:
+        edge.release(s)
+    for s in cs:
+        cloud.release(s)
+    return [TokenRun(token_ids=tuple(out[i]), routed=tuple(routed[i]), scores=tuple(scores[i])) for i in range(n)]

@@ -263,7 +263,7 @@ _TASKS: tuple[tuple[str, str, str, tuple[str, ...], str], ...] = (
      "Index of the first element strictly greater than its neighbours (a missing neighbour counts as minus infinity); -1 if there is none.",
      ("candidate([1, 3, 2]) == 1", "candidate([5, 4]) == 0", "candidate([1, 1, 1]) == -1", "candidate([1, 2, 3]) == 2", "candidate([]) == -1"),
      "    for i, x in enumerate(xs):\n        if (i == 0 or x > xs[i - 1]) and (i == len(xs) - 1 or x > xs[i + 1]):\n            return i\n    return -1\n"),
-    ("histogram", "def histogram(xs: list[int]) -> str:",
+    ("star_histogram", "def star_histogram(xs: list[int]) -> str:",
      "One line per distinct value in increasing order, formatted '<value>: ' followed by one '*' per occurrence; lines joined by newlines.",
      ("candidate([2, 1, 2]) == '1: *\\n2: **'", "candidate([]) == ''", "candidate([0]) == '0: *'"),
      "    return '\\n'.join(f'{v}: ' + '*' * xs.count(v) for v in sorted(set(xs)))\n"),

@@ -18,6 +18,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "tether.models_cli",
     "tether.generate_cli",
     "tether.cloud._cli",
+    "tether.router_cli",
 )
 
 app = typer.Typer(
