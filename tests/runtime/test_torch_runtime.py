@@ -136,7 +136,7 @@ def test_rejects_unsupported_configs(tiny_hf_model: Any) -> None:
 
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
 def test_full_sequence_logits_match_hf(attn_implementation: str) -> None:
-    from conftest import build_tiny_qwen2
+    from tiny_models import build_tiny_qwen2
 
     for hf_model in (build_tiny_qwen2(seed=3), build_tiny_llama(seed=3)):
         hf_model.set_attn_implementation(attn_implementation)
@@ -148,7 +148,7 @@ def test_full_sequence_logits_match_hf(attn_implementation: str) -> None:
 
 
 def test_bf16_matches_hf_bf16() -> None:
-    from conftest import build_tiny_qwen2
+    from tiny_models import build_tiny_qwen2
 
     hf_model = build_tiny_qwen2(seed=4).to(torch.bfloat16)
     lm = TorchCausalLM(hf_model)
@@ -378,3 +378,88 @@ def test_greedy_matches_hf_generate(arch: tuple[Any, TorchCausalLM], seed: int) 
     hf_model, lm = arch
     prompt = random_ids(lm, 6 + 5 * seed, seed=100 + seed)
     assert greedy(lm, prompt, 24) == hf_greedy(hf_model, prompt, 24)
+
+
+# -- other devices --------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_matches_hf_on_cuda(dtype: torch.dtype) -> None:
+    """The runtime follows the weights' device; logits still come back as CPU float32."""
+    from tiny_models import build_tiny_qwen2
+
+    for hf_model in (build_tiny_qwen2(seed=5), build_tiny_llama(seed=5)):
+        hf_model = hf_model.to(device="cuda", dtype=dtype)
+        lm = TorchCausalLM(hf_model)
+        ids = random_ids(lm, 29, seed=3)
+        state = lm.new_state()
+        logits = torch.cat([lm.prefill(state, ids[:20])] + [lm.extend(state, [t]) for t in ids[20:]])
+        assert logits.device.type == "cpu" and logits.dtype == torch.float32
+        with torch.no_grad():
+            expected = hf_model(torch.tensor([ids], device="cuda")).logits[0].float().cpu()
+        if dtype == torch.float32:
+            # TF32 may be on for matmuls; allow for it.
+            torch.testing.assert_close(logits, expected, atol=5e-3 * expected.abs().max().item(), rtol=0)
+        else:
+            assert (logits.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.9
+        batched = lm.extend_batch([lm.new_state(), lm.new_state()], [ids[:7], ids[:20]])
+        torch.testing.assert_close(batched[1], logits[:20], atol=0.02 * logits.abs().max().item(), rtol=0)
+        if dtype == torch.float32:
+            prompt = ids[:9]
+            ids_t = torch.tensor([prompt], device="cuda")
+            with torch.no_grad():
+                want = hf_model.generate(ids_t, attention_mask=torch.ones_like(ids_t), max_new_tokens=16,
+                                         do_sample=False, pad_token_id=0)[0, 9:].tolist()
+            assert greedy(lm, prompt, 16) == want
+
+
+# -- speed ----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_decode_not_slower_than_hf_generate(tiny_hf_model: Any, qwen: TorchCausalLM) -> None:
+    """Greedy decode through the runtime vs HF `generate`, interleaved, best of 5 each."""
+    import time
+
+    prompt = random_ids(qwen, 40, seed=7)
+    ours, theirs = [], []
+    for _ in range(5):
+        for fn, times in ((lambda: greedy(qwen, prompt, 32), ours),
+                          (lambda: hf_greedy(tiny_hf_model, prompt, 32), theirs)):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    # Typically well under 1.0; the slack absorbs a noisy shared 2-core machine.
+    assert min(ours) <= 1.25 * min(theirs), (min(ours), min(theirs))
+
+
+# -- the real edge model --------------------------------------------------------------------
+
+CHAT_PROMPTS = [
+    "Write a Python function that checks whether a number is prime.",
+    "Explain what a SQL LEFT JOIN does, in two sentences.",
+    "What does `git rebase -i` do?",
+]
+
+
+@pytest.fixture(scope="module")
+def real_edge() -> tuple[Any, Any]:
+    """The real edge model in fp32 (module scope: freed once this module's tests are done)."""
+    from tether.models import load_hf
+
+    return load_hf("qwen2.5-coder-0.5b", progress=False)
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+@pytest.mark.parametrize("prompt", CHAT_PROMPTS)
+def test_real_edge_greedy_matches_hf_generate(real_edge: tuple[Any, Any], prompt: str) -> None:
+    hf_model, tokenizer = real_edge
+    lm = TorchCausalLM(hf_model, name="qwen2.5-coder-0.5b")
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True,
+        return_dict=True,
+    )["input_ids"]
+    ours = greedy(lm, ids, 32)
+    assert ours == hf_greedy(hf_model, ids, 32), tokenizer.decode(ours)

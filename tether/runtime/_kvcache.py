@@ -26,6 +26,9 @@ class TorchKVState(KVState):
     only ever runs layers [k, L) (the cloud half of split computing) holds nothing for
     layers [0, k). Capacity doubles when exceeded (amortised O(1) appends), capped at
     the model's `max_positions`.
+
+    Public: `length`, `released`, `layer_length`. The underscored methods are for
+    `TorchCausalLM` only; use the model's `truncate` / `fork` / `release`.
     """
 
     __slots__ = ("_owner", "_owner_name", "_shape", "_dtype", "_device", "_max_positions",
@@ -94,7 +97,7 @@ class TorchKVState(KVState):
                 "create a new one with new_state() (or fork() before releasing)"
             )
 
-    def check_usable_by(self, owner: object, owner_name: str) -> None:
+    def _check_owner(self, owner: object, owner_name: str) -> None:
         """Raise `RuntimeStateError` unless the state is live and was made by `owner`."""
         self._check_live()
         if self._owner is not owner:
@@ -103,7 +106,7 @@ class TorchKVState(KVState):
                 "a state can only be used with the model instance that created it"
             )
 
-    def start_length(self, start: int, stop: int, n_new: int) -> int:
+    def _start_length(self, start: int, stop: int, n_new: int) -> int:
         """Length shared by layers [start, stop) before appending `n_new` positions.
 
         Raises:
@@ -145,7 +148,7 @@ class TorchKVState(KVState):
             new_v[:, :held].copy_(old_v[:, :held])
         self._keys[layer], self._values[layer] = new_k, new_v
 
-    def append(
+    def _append(
         self, layer: int, keys: torch.Tensor, values: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append new keys/values for one layer; return views of everything it now holds.
@@ -170,7 +173,7 @@ class TorchKVState(KVState):
         self._lengths[layer] = past + n
         return k_cache[:, : past + n], v_cache[:, : past + n]
 
-    def truncate(self, length: int) -> None:
+    def _truncate(self, length: int) -> None:
         """Keep only the first `length` positions in every layer; O(1), nothing is freed.
 
         Raises:
@@ -187,7 +190,7 @@ class TorchKVState(KVState):
             )
         self._lengths = [min(n, length) for n in self._lengths]
 
-    def fork(self) -> TorchKVState:
+    def _fork(self) -> TorchKVState:
         """An independent copy: same capacity, the held positions copied, the rest not."""
         self._check_live()
         heads, head_dim = self._shape
@@ -212,7 +215,7 @@ class TorchKVState(KVState):
         twin._lengths = list(self._lengths)
         return twin
 
-    def release(self) -> None:
+    def _release(self) -> None:
         """Drop the tensors; any later use raises `RuntimeStateError`. Releasing twice is a no-op."""
         self._keys = [None] * len(self._keys)
         self._values = [None] * len(self._values)

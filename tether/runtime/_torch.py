@@ -152,7 +152,7 @@ class TorchCausalLM(LayerwiseLM):
                 f"model {self.info.name!r} needs a state from its own new_state(), "
                 f"got {type(state).__name__}"
             )
-        state.check_usable_by(self, self.info.name)
+        state._check_owner(self, self.info.name)
         return state
 
     def truncate(self, state: KVState, length: int) -> None:
@@ -161,18 +161,18 @@ class TorchCausalLM(LayerwiseLM):
         Raises:
             RuntimeStateError: wrong/released state, or `length` negative or beyond its length.
         """
-        self._own(state).truncate(length)
+        self._own(state)._truncate(length)
 
     @torch.inference_mode()
     def fork(self, state: KVState) -> TorchKVState:
         """Return an independent copy of `state` (the held positions are copied)."""
-        return self._own(state).fork()
+        return self._own(state)._fork()
 
     def release(self, state: KVState) -> None:
         """Free the cache memory; any later use of `state` raises `RuntimeStateError`."""
         if isinstance(state, TorchKVState) and state.released:
             return  # releasing twice is harmless
-        self._own(state).release()
+        self._own(state)._release()
 
     # -- the model pieces ---------------------------------------------------------------
 
@@ -274,7 +274,7 @@ class TorchCausalLM(LayerwiseLM):
         hidden = self._embed_tokens(torch.cat(ids)) if ids else None
         if hidden is None or hidden.shape[0] == 0:
             for s in owned:  # still validate, so misuse does not pass silently
-                s.start_length(0, self.info.num_layers, 0)
+                s._start_length(0, self.info.num_layers, 0)
             return [torch.empty(0, self.info.vocab_size) for _ in owned]
         hidden = self._forward(owned, hidden, seq_lens, 0, self.info.num_layers)
         logits = self.head(hidden)  # [N, vocab]
@@ -294,11 +294,11 @@ class TorchCausalLM(LayerwiseLM):
         total = hidden.shape[0]
         assert total == sum(seq_lens) and hidden.shape[1] == self.info.hidden_size
         # All checks happen before the first write, so a failure leaves every state intact.
-        pasts = [s.start_length(start, stop, n) for s, n in zip(states, seq_lens, strict=True)]
+        pasts = [s._start_length(start, stop, n) for s, n in zip(states, seq_lens, strict=True)]
         if total == 0 or start == stop:
             return hidden
         device = self._device
-        n_heads, n_kv, d, g = self._num_heads, self._num_kv_heads, self._head_dim, self._groups
+        n_heads, n_kv, d = self._num_heads, self._num_kv_heads, self._head_dim
 
         # Positions of the new tokens, sequence after sequence: [N].
         positions = torch.cat([torch.arange(p, p + n, device=device) for p, n in zip(pasts, seq_lens)])
@@ -306,17 +306,17 @@ class TorchCausalLM(LayerwiseLM):
         cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [N, 1, D], broadcast over heads
 
         # Causal masks with an offset, one per sequence, shared by all layers: new token t
-        # (at position past + t) sees cached+new keys 0..past+t. A single new token sees
-        # everything, so it needs no mask. Query rows are folded as [kv head, group*n] (see
-        # below), so the [n, L] mask is repeated per group -> [g*n, L].
+        # (at position past + t) sees cached+new keys 0..past+t, i.e. an [n, L] boolean mask.
+        # One new token sees everything (no mask); a prefill from empty (past == 0) is plain
+        # top-left causal, which SDPA does itself without materialising the mask.
         masks: list[torch.Tensor | None] = []
         for past, n in zip(pasts, seq_lens):
-            if n <= 1:
+            if n <= 1 or past == 0:
                 masks.append(None)
                 continue
             key_pos = torch.arange(past + n, device=device)  # [L]
             query_pos = torch.arange(past, past + n, device=device)  # [n]
-            masks.append((key_pos[None, :] <= query_pos[:, None]).repeat(g, 1))  # [g*n, L]
+            masks.append(key_pos[None, :] <= query_pos[:, None])  # [n, L]
 
         for layer_index in range(start, stop):
             layer = self._layers[layer_index]
@@ -335,20 +335,52 @@ class TorchCausalLM(LayerwiseLM):
                     continue
                 rows = slice(offset, offset + n)
                 offset += n
-                keys, values = state.append(
+                keys, values = state._append(
                     layer_index, k[rows].transpose(0, 1), v[rows].transpose(0, 1)
                 )  # each [Hkv, L, D], L = past + n
-                # GQA without copying the cache: query head h uses kv head h // g, so view the
-                # queries as [Hkv, g*n, D] and attend each kv head once (HF's repeat_kv would
-                # copy K and V g times per layer and step).
-                q_seq = q[rows].view(n, n_kv, g, d).permute(1, 2, 0, 3).reshape(1, n_kv, g * n, d)
-                # 4-D on purpose: torch's CPU flash kernel takes [B, H, T, D]; 3-D inputs fall
-                # back to the math path, 2-4x slower here (and far worse for one kv head).
-                out = F.scaled_dot_product_attention(
-                    q_seq, keys[None], values[None], attn_mask=mask, scale=self._scaling
-                )  # [1, Hkv, g*n, D]
-                outputs.append(out.view(n_kv, g, n, d).permute(2, 0, 1, 3).reshape(n, n_heads * d))
+                outputs.append(self._attend(q[rows], keys, values, mask))
             attended = outputs[0] if len(outputs) == 1 else torch.cat(outputs)  # [N, Hq*D]
             hidden = hidden + attn.o_proj(attended)
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         return hidden
+
+    def _attend(
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Attention of one sequence's n new queries over its L cached+new keys.
+
+        Args:
+            q: [n, Hq, D], rotated.
+            keys, values: [Hkv, L, D], views into the cache.
+            mask: [n, L] boolean (True = may attend), or None: no mask for n == 1,
+                top-left causal for n > 1 (then n == L).
+
+        Returns:
+            [n, Hq * D].
+        """
+        n, n_heads, d = q.shape
+        n_kv, g = self._num_kv_heads, self._groups
+        # 4-D throughout: torch's CPU flash kernel takes [B, H, T, D]; 3-D inputs fall back
+        # to the math path, 2-4x slower here (and far worse with a single kv head).
+        if n == 1:
+            # Decode. GQA without copying the cache: query head h uses kv head h // g, so view
+            # the g query heads of each kv head as g query rows ([Hkv, g, D]) and attend each kv
+            # head once. (enable_gqa / HF's repeat_kv copy K and V g times per layer and step.)
+            q_folded = q.view(n_kv, g, d)[None]  # [1, Hkv, g, D]
+            out = F.scaled_dot_product_attention(
+                q_folded, keys[None], values[None], scale=self._scaling
+            )  # [1, Hkv, g, D]
+            return out.reshape(1, n_heads * d)
+        # Several new tokens (prefill, draft blocks): here the query work dominates and SDPA's
+        # own GQA path measured fastest (2x the folded form on a 500-token prefill).
+        assert mask is not None or n == keys.shape[1], "n > 1 without a mask must be a prefill"
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None],  # [1, Hq, n, D]
+            keys[None],  # [1, Hkv, L, D]
+            values[None],
+            attn_mask=mask,
+            is_causal=mask is None,
+            scale=self._scaling,
+            enable_gqa=True,
+        )  # [1, Hq, n, D]
+        return out[0].transpose(0, 1).reshape(n, n_heads * d)
