@@ -1,0 +1,402 @@
+"""`tether bench routing`: quality-cost curves of the query and token routers on HumanEval.
+
+What belongs here: training the routers on Tether's own tasks, evaluating them on the
+HumanEval subset (pass@1 vs the share of queries or tokens sent to the cloud), the summary
+measures, the plot and the docs section. Model outputs come from `routing_data` (cached).
+
+Protocol (nothing is tuned on HumanEval):
+- Data: greedy answers of both models on Tether's 71 own tasks (training) and on the
+  HumanEval subset HumanEval/0, /4, ..., /160 (41 problems, held out), pass/fail from the
+  sandboxed unit tests. bf16 weights, 192 new tokens at most, stop at the closing fence.
+- Query routers: training-free edge signals; learned classifiers trained on the 71 tasks
+  with label = "the edge's answer passes whenever the cloud's does" (edge pass >= cloud
+  pass). Curve: send the k lowest-scoring HumanEval queries to the cloud, k = 0..41.
+- Token routers: thresholds set to a token budget (10/20/30%) as quantiles of the router's
+  scores along the training tasks' answers; each setting is one greedy route-token run over
+  the subset (`route_tokens_batch`, the rule of ``mode="route-token"``, batched).
+- Random baselines: the query random router's expected curve is the straight line (APGR
+  0.5); the token random router is run like the others.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tether.benchmarks import routing_data as rd
+from tether.routing import (
+    Curve,
+    FitOptions,
+    LearnedQueryRouter,
+    LearnedTokenRouter,
+    Query,
+    SignalRouter,
+    query_curve,
+    random_curve,
+    threshold_for_cloud_fraction,
+    threshold_for_quality,
+)
+
+ROUTERS_DIR = rd.CACHE.parent / "routers"
+TOKEN_RUNS = rd.CACHE / "token-runs-humaneval.jsonl"
+TOKEN_BUDGETS = (0.1, 0.2, 0.3)
+PLOT = Path(__file__).resolve().parent.parent / "docs" / "routing_curves.png"
+
+QUERY_LEARNED: dict[str, tuple[tuple[str, ...], FitOptions]] = {
+    "minilm-logistic": (("embedding",), FitOptions(model="logistic", weight_decay=0.1, epochs=200)),
+    "minilm-mlp": (("embedding",), FitOptions(model="mlp", hidden=32, weight_decay=0.1, epochs=200)),
+    "edge-hidden-logistic": (("hidden_mean",), FitOptions(model="logistic", weight_decay=0.1, epochs=200)),
+    "edge-hidden+signals-mlp": (("hidden_mean", "signals"), FitOptions(model="mlp", hidden=32, weight_decay=0.1, epochs=200)),
+    "minilm+hidden+signals-logistic": (("embedding", "hidden_mean", "signals"), FitOptions(model="logistic", weight_decay=0.1, epochs=200)),
+}
+QUERY_SIGNALS = ("prompt_logprob", "draft_mean_logprob", "draft_min_logprob", "draft_neg_entropy", "draft_mean_margin")
+
+
+# -- data ------------------------------------------------------------------------------------
+
+
+def embeddings(split: str) -> dict[str, np.ndarray]:
+    """MiniLM embeddings of each problem's instruction text (cached)."""
+    path = rd.CACHE / f"embeddings-{split}.npz"
+    probs = rd.problems(split)
+    if path.exists():
+        z = dict(np.load(path))
+        if all(p.task_id in z for p in probs):
+            return z
+    from tether.routing._embed import default_embedder
+
+    e = default_embedder().embed([p.instruction for p in probs])
+    out = {p.task_id: e[i] for i, p in enumerate(probs)}
+    np.savez(path, **out)
+    return out
+
+
+def split_data(split: str) -> tuple[list[str], list[Query], np.ndarray, np.ndarray]:
+    """(task ids, queries, edge pass, cloud pass) for the problems both models answered."""
+    ea, ca = rd.answers("edge", split), rd.answers("cloud", split)
+    probes, emb = rd.load_probes(split), embeddings(split)
+    ids = [p.task_id for p in rd.problems(split) if p.task_id in ea and p.task_id in ca and p.task_id in probes]
+    text = {p.task_id: p.instruction for p in rd.problems(split)}
+    qs = [Query(text=text[t], probe=probes[t], embedding=emb[t]) for t in ids]
+    e = np.array([float(ea[t]["passed"]) for t in ids])
+    c = np.array([float(ca[t]["passed"]) for t in ids])
+    return ids, qs, e, c
+
+
+def labelled_jsonl(path: Path) -> Path:
+    """Write the training split as the labelled JSONL `tether router train` reads."""
+    from tether.routing._data import write_records
+
+    ids, _, e, c = split_data("train")
+    by = {p.task_id: p for p in rd.problems("train")}
+    write_records(path, [{"id": t, "text": by[t].instruction, "label": int(e[i] >= c[i]),
+                          "edge_quality": int(e[i]), "cloud_quality": int(c[i])} for i, t in enumerate(ids)])
+    return path
+
+
+# -- query routers ---------------------------------------------------------------------------
+
+
+def query_report() -> dict[str, Any]:
+    _, q_tr, e_tr, c_tr = split_data("train")
+    ids, q_he, e_he, c_he = split_data("humaneval")
+    y_tr = (e_tr >= c_tr).astype(np.float32)
+    edge_q, cloud_q = float(e_he.mean()), float(c_he.mean())
+    routers: dict[str, Any] = {f"signal:{s}": SignalRouter(s) for s in QUERY_SIGNALS}
+    ROUTERS_DIR.mkdir(parents=True, exist_ok=True)
+    for name, (feats, opts) in QUERY_LEARNED.items():
+        r = LearnedQueryRouter.fit(q_tr, y_tr, feats, opts)
+        routers[f"learned:{name}"] = r
+    rows = []
+    curves = [random_curve(edge_q, cloud_q)]
+    for name, r in routers.items():
+        s_tr, s_he = r.score_many(q_tr), r.score_many(q_he)
+        curve = query_curve(name, s_he, e_he, c_he)
+        curves.append(curve)
+        # calibration on the training tasks only, then measured on HumanEval
+        t30 = threshold_for_cloud_fraction(s_tr, 0.3)
+        qcal = threshold_for_quality(s_tr, e_tr, c_tr, 1.0)
+        to_cloud = s_he < qcal.threshold
+        within_1pt = [x for x, q in zip(curve.fractions, curve.qualities) if q >= cloud_q - 0.01 - 1e-9]
+        frac60, q60 = curve.best_within(0.6)
+        if name.startswith("learned:"):
+            r.set_threshold(qcal.threshold, method="quality", target=1.0, relative=True, data="tether train tasks")
+            r.remember_scores(s_tr)
+            r.save(ROUTERS_DIR / f"query-{name.split(':', 1)[1]}.safetensors")
+        rows.append({
+            "router": name, "apgr": curve.apgr(), "fraction_to_95pct_cloud": curve.fraction_to_reach(0.95 * cloud_q),
+            "min_fraction_within_1pt_of_cloud": min(within_1pt) if within_1pt else None,
+            "best_pass_at_most_60pct": q60, "best_pass_at_most_60pct_fraction": frac60,
+            "calib30_realised_fraction": float(np.mean(s_he < t30)),
+            "quality_calib_train_fraction": qcal.cloud_fraction,
+            "quality_calib_he_fraction": float(to_cloud.mean()),
+            "quality_calib_he_pass": float(np.where(to_cloud, c_he, e_he).mean()),
+        })
+    # empirical random routers, for the spread around the expected line
+    rng = np.random.default_rng(0)
+    rand_apgr = [query_curve("r", rng.random(len(ids)), e_he, c_he).apgr() for _ in range(200)]
+    return {
+        "problems": ids, "edge_pass": edge_q, "cloud_pass": cloud_q, "n_train": len(q_tr),
+        "train_edge_pass": float(e_tr.mean()), "train_cloud_pass": float(c_tr.mean()), "train_label_share": float(y_tr.mean()),
+        "he_label_share": float((e_he >= c_he).mean()),
+        "random_apgr_expected": 0.5, "random_apgr_mean": float(np.mean(rand_apgr)), "random_apgr_sd": float(np.std(rand_apgr)),
+        "rows": rows, "curves": [{"name": c.name, "x": list(c.fractions), "y": list(c.qualities)} for c in curves],
+    }
+
+
+# -- token routers ---------------------------------------------------------------------------
+
+
+def token_routers() -> dict[str, Any]:
+    """Token routers with thresholds for each budget, from scores on the training tasks' answers."""
+    from tether.routing import ConfidenceTokenRouter, MarginTokenRouter
+
+    z = np.load(rd.pairs_path())
+    hidden, signals, agree = z["hidden"].astype(np.float32), z["signals"], z["agree"]
+    learned = LearnedTokenRouter.fit(signals, hidden, agree, ("hidden", "signals"),
+                                     FitOptions(model="logistic", weight_decay=0.1, epochs=300))
+    out: dict[str, Any] = {}
+    for name, r in (("confidence", ConfidenceTokenRouter()), ("margin", MarginTokenRouter()), ("learned", learned)):
+        s = r.score_features(signals, hidden)
+        out[name] = (r, {f: threshold_for_cloud_fraction(s, f) for f in TOKEN_BUDGETS})
+        if name == "learned":
+            r.set_threshold(out[name][1][0.3], method="cloud_fraction", target=0.3, data="tether train tasks")
+            r.remember_scores(s)
+            ROUTERS_DIR.mkdir(parents=True, exist_ok=True)
+            r.save(ROUTERS_DIR / "token-learned.safetensors")
+    out["agreement"] = float(agree.mean())
+    return out
+
+
+def token_configs() -> list[tuple[str, float]]:
+    return [(n, f) for n in ("confidence", "learned") for f in TOKEN_BUDGETS] + [("margin", 0.2), ("random", 0.3), ("random", 0.1)]
+
+
+def run_tokens(edge: Any, cloud: Any, tok: Any, *, deadline: float) -> None:
+    """Route-token runs over the HumanEval subset for every configuration not yet cached."""
+    from tether.routing._collect import route_tokens_batch
+
+    done = {(r["router"], r["budget"]) for r in rd.read_jsonl(TOKEN_RUNS)}
+    routers = token_routers()
+    probs = rd.problems("humaneval")
+    prompts = [tok.encode(p.chat_prompt(tok), add_special_tokens=False) for p in probs]
+    for name, budget in token_configs():
+        if (name, budget) in done or time.time() > deadline:
+            continue
+        t0 = time.time()
+        if name == "random":
+            rng = np.random.default_rng(int(budget * 100))
+            score, threshold = (lambda logits, hidden: float(rng.random())), budget
+        else:
+            router, th = routers[name]
+            score, threshold = router.score_token, th[budget]
+        runs = route_tokens_batch(edge, cloud, prompts, score, threshold, max_new_tokens=rd.MAX_NEW_TOKENS,
+                                  eos_ids=[151645, 151643], is_done=rd.stop_check(tok))
+        for p, run in zip(probs, runs):
+            text = tok.decode(list(run.token_ids), skip_special_tokens=True)
+            rd.append_jsonl(TOKEN_RUNS, {"router": name, "budget": budget, "threshold": threshold, "task_id": p.task_id,
+                                         "token_ids": list(run.token_ids), "routed": list(run.routed),
+                                         "passed": p.check(text).passed})
+        print(f"[tokens] {name}@{budget}: {time.time() - t0:.0f}s", flush=True)
+
+
+def token_report(edge_q: float, cloud_q: float, ids: list[str]) -> dict[str, Any]:
+    rows_by: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for r in rd.read_jsonl(TOKEN_RUNS):
+        if r["task_id"] in ids:
+            rows_by.setdefault((r["router"], r["budget"]), []).append(r)
+    points: dict[str, list[tuple[float, float, float]]] = {}
+    rows = []
+    for (name, budget), rs in sorted(rows_by.items()):
+        if len(rs) < len(ids):
+            continue
+        n_tok = sum(len(r["token_ids"]) for r in rs)
+        frac = sum(len(r["routed"]) for r in rs) / max(1, n_tok)
+        q = float(np.mean([r["passed"] for r in rs]))
+        points.setdefault(name, []).append((frac, q, budget))
+        rows.append({"router": name, "budget": budget, "cloud_token_fraction": frac, "pass": q,
+                     "pass_vs_cloud": q / cloud_q if cloud_q else math.nan, "tokens": n_tok})
+    curves = {n: Curve.from_points(n, [(x, q) for x, q, _ in pts], edge=edge_q, cloud=cloud_q) for n, pts in points.items()}
+    summary = {n: {"apgr": c.apgr(), "fraction_to_95pct_cloud": c.fraction_to_reach(0.95 * cloud_q)} for n, c in curves.items()}
+    return {"rows": rows, "summary": summary,
+            "curves": [{"name": c.name, "x": list(c.fractions), "y": list(c.qualities)} for c in curves.values()]}
+
+
+# -- report ----------------------------------------------------------------------------------
+
+
+def plot(report: dict[str, Any], path: Path = PLOT) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    for ax, part, xlabel in ((axes[0], report["query"], "fraction of queries sent to the cloud"),
+                             (axes[1], report.get("token") or {"curves": []}, "fraction of tokens from the cloud")):
+        for c in part["curves"]:
+            style = dict(ls="--", color="grey") if c["name"] == "random" else {}
+            marker = "o" if part is not report["query"] else None
+            ax.plot(c["x"], c["y"], label=c["name"], marker=marker, **style)
+        q = report["query"]
+        ax.axhline(q["cloud_pass"], color="k", lw=0.8, ls=":", label="cloud-only")
+        ax.axhline(q["edge_pass"], color="r", lw=0.8, ls=":", label="edge-only")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("HumanEval pass@1 (greedy, 41-problem subset)")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    axes[0].set_title("query routers")
+    axes[1].set_title("token routers")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _pct(x: float | None) -> str:
+    return "never" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    q = report["query"]
+    n = len(q["problems"])
+    lines = [
+        "## Routing: quality-cost curves (`tether bench routing`)",
+        "",
+        f"HumanEval subset: every 4th problem, HumanEval/0, /4, ..., /160 ({n} problems), greedy pass@1 with the "
+        "sandboxed unit tests. Edge `qwen2.5-coder-0.5b`, cloud `qwen2.5-coder-1.5b`, both bf16 torch on "
+        f"{report['env']['cpus']} shared CPU cores, at most 192 new tokens, stop at the closing code fence. "
+        f"Routers are trained and calibrated only on Tether's own {q['n_train']} programming tasks "
+        f"(`routing/_task_bank.py`; edge pass {_pct(q['train_edge_pass'])}, cloud {_pct(q['train_cloud_pass'])}); "
+        "HumanEval is held out.",
+        "",
+        f"- edge-only pass@1 **{_pct(q['edge_pass'])}**, cloud-only **{_pct(q['cloud_pass'])}**; "
+        f"queries where the edge does as well as the cloud: {_pct(q['he_label_share'])}.",
+        f"- random router: APGR 0.5 expected (200 random orderings: {q['random_apgr_mean']:.3f} ± {q['random_apgr_sd']:.3f}).",
+        "",
+        "### Query routers",
+        "",
+        "| router | APGR | cloud share for 95% of cloud pass@1 | least cloud share within 1 pt of cloud | best pass@1 with <= 60% cloud | calibrated to 30% on train: share on HumanEval | quality-calibrated on train: share / pass@1 on HumanEval |",
+        "|:--|--:|--:|--:|--:|--:|--:|",
+    ]
+    for r in q["rows"]:
+        lines.append(
+            f"| {r['router']} | {r['apgr']:.3f} | {_pct(r['fraction_to_95pct_cloud'])} | "
+            f"{_pct(r['min_fraction_within_1pt_of_cloud'])} | {_pct(r['best_pass_at_most_60pct'])} "
+            f"(at {_pct(r['best_pass_at_most_60pct_fraction'])}) | {_pct(r['calib30_realised_fraction'])} | "
+            f"{_pct(r['quality_calib_he_fraction'])} / {_pct(r['quality_calib_he_pass'])} |")
+    t = report.get("token")
+    if t and t["rows"]:
+        lines += ["", "### Token routers (route-token)", "",
+                  f"Edge/cloud greedy agreement on the training tasks' answers: {_pct(report['token_agreement'])}. "
+                  "Budget = share of training-task token positions below the threshold.", "",
+                  "| router | budget | cloud tokens on HumanEval | pass@1 | of cloud pass@1 |", "|:--|--:|--:|--:|--:|"]
+        for r in t["rows"]:
+            lines.append(f"| {r['router']} | {_pct(r['budget'])} | {_pct(r['cloud_token_fraction'])} | {_pct(r['pass'])} | "
+                         f"{_pct(r['pass_vs_cloud'])} |")
+        lines += ["", "| token router | APGR | cloud token share for 95% of cloud pass@1 |", "|:--|--:|--:|"]
+        for name, s in t["summary"].items():
+            lines.append(f"| {name} | {s['apgr']:.3f} | {_pct(s['fraction_to_95pct_cloud'])} |")
+    lines += ["", "### Targets", ""] + [f"- {x}" for x in report["targets"]]
+    lines += ["", "![routing curves](routing_curves.png)", "",
+              "Reproduce: `flock /tmp/tether-bigmem.lock tether bench routing` (model outputs are cached under "
+              "`benchmarks/results/routing_cache/`; `--report-only` rebuilds this section from the cache)."]
+    return "\n".join(lines)
+
+
+def targets(report: dict[str, Any]) -> list[str]:
+    q = report["query"]
+    out = []
+    best = [r for r in q["rows"] if r["min_fraction_within_1pt_of_cloud"] is not None and r["min_fraction_within_1pt_of_cloud"] <= 0.6]
+    if best:
+        b = min(best, key=lambda r: r["min_fraction_within_1pt_of_cloud"])
+        out.append(f"met: a query router within 1 point of cloud pass@1 with <= 60% of queries to the cloud "
+                   f"({b['router']}: {_pct(b['min_fraction_within_1pt_of_cloud'])} of queries)")
+    else:
+        r = max(q["rows"], key=lambda r: r["best_pass_at_most_60pct"])
+        out.append(f"missed: no query router within 1 point of cloud pass@1 at <= 60% cloud; best is {r['router']} "
+                   f"with {_pct(r['best_pass_at_most_60pct'])} vs cloud {_pct(q['cloud_pass'])}")
+    learned = [r for r in q["rows"] if r["router"].startswith("learned:")]
+    beat = [r for r in learned if r["apgr"] > 0.5]
+    out.append(("met" if len(beat) == len(learned) else "missed") +
+               f": learned query routers beating the random router's APGR (0.5): {len(beat)} of {len(learned)} "
+               "(" + ", ".join(f"{r['router']} {r['apgr']:.2f}" for r in learned) + ")")
+    t = report.get("token")
+    if t and t["rows"]:
+        cloud_q = q["cloud_pass"]
+        ok = [r for r in t["rows"] if r["router"] != "random" and r["cloud_token_fraction"] <= 0.30 and r["pass"] >= 0.95 * cloud_q]
+        if ok:
+            b = min(ok, key=lambda r: r["cloud_token_fraction"])
+            out.append(f"met: token router at >= 95% of cloud pass@1 with <= 30% cloud tokens ({b['router']}: "
+                       f"{_pct(b['pass'])} with {_pct(b['cloud_token_fraction'])} cloud tokens)")
+        else:
+            cand = [r for r in t["rows"] if r["router"] != "random" and r["cloud_token_fraction"] <= 0.30]
+            r = max(cand, key=lambda r: r["pass"]) if cand else None
+            out.append("missed: no token router reached 95% of cloud pass@1 with <= 30% cloud tokens" +
+                       (f"; best {r['router']}@{_pct(r['budget'])}: {_pct(r['pass'])} with {_pct(r['cloud_token_fraction'])} cloud tokens"
+                        if r else ""))
+        rnd = t["summary"].get("random", {}).get("apgr")
+        lt = t["summary"].get("learned", {}).get("apgr")
+        if rnd is not None and lt is not None:
+            out.append(("met" if lt > rnd else "missed") + f": learned token router APGR {lt:.3f} vs random token router {rnd:.3f}")
+    else:
+        out.append("not measured: token routers (no route-token runs cached yet)")
+    return out
+
+
+def report(*, write_docs: bool = True) -> dict[str, Any]:
+    from tether.bench_cli import environment, update_docs_section, write_results
+
+    rep: dict[str, Any] = {"env": environment(), "query": query_report()}
+    if rd.pairs_path().exists():
+        rep["token_agreement"] = token_routers()["agreement"]  # also (re)writes the learned token router file
+        rep["token"] = token_report(rep["query"]["edge_pass"], rep["query"]["cloud_pass"], rep["query"]["problems"])
+    rep["targets"] = targets(rep)
+    labelled_jsonl(rd.CACHE.parent / "routing_train.jsonl")
+    if write_docs:
+        write_results("routing", rep)
+        plot(rep)
+        update_docs_section("routing", markdown(rep))
+    return rep
+
+
+def run(*, budget_s: float = 780.0, report_only: bool = False) -> dict[str, Any]:
+    """Generate what is missing (within `budget_s`), then write the report."""
+    if not report_only:
+        import os
+
+        import torch
+
+        from tether.models import DEFAULT_CLOUD_MODEL, DEFAULT_EDGE_MODEL
+
+        torch.set_num_threads(int(os.environ.get("TETHER_THREADS", "1")))
+        deadline = time.time() + budget_s
+        edge, tok = rd.load_model(DEFAULT_EDGE_MODEL)
+        cloud, _ = rd.load_model(DEFAULT_CLOUD_MODEL)
+        if rd.collect_all(edge, cloud, tok, deadline=deadline):
+            run_tokens(edge, cloud, tok, deadline=deadline)
+    return report()
+
+
+def register(bench_app: Any) -> None:
+    import typer
+
+    @bench_app.command("routing")
+    def routing_command(
+        report_only: bool = typer.Option(False, "--report-only", help="Rebuild the report from the cache; run no model."),
+        budget_s: float = typer.Option(780.0, help="Stop starting new model work after this many seconds."),
+    ) -> None:
+        """Query and token routers on HumanEval: curves, APGR, targets (docs/benchmarks.md)."""
+        rep = run(budget_s=budget_s, report_only=report_only)
+        typer.echo(json.dumps({"targets": rep["targets"]}, indent=2))
+
+
+if __name__ == "__main__":
+    import sys
+
+    run(report_only="--report-only" in sys.argv)
