@@ -35,7 +35,11 @@ class TokenRouter(Router):
     """A router over single output positions. Scores read the edge's logits (and hidden state)."""
 
     level: ClassVar[str] = "token"
-    needs_hidden: ClassVar[bool] = False
+
+    @property
+    def needs_hidden(self) -> bool:
+        """Whether `score_token` reads the edge's hidden state."""
+        return False
 
     def score_token(self, logits: torch.Tensor, hidden: torch.Tensor | None = None) -> float:
         """Score the position whose edge logits are `logits` [V] (hidden state [H])."""
@@ -114,8 +118,8 @@ class LearnedTokenRouter(TokenRouter):
         self.features = tuple(features)
         self.classifier = classifier
 
-    @property  # type: ignore[override]
-    def needs_hidden(self) -> bool:  # noqa: D401
+    @property
+    def needs_hidden(self) -> bool:
         return "hidden" in self.features
 
     def _x(self, signals: FloatArray, hidden: FloatArray | None) -> FloatArray:
