@@ -46,7 +46,7 @@ async def test_real_cloud_verify_decoding_equals_hf_greedy(real_cloud: tuple[Any
             s = await m.open_session()
             await s.append(prompts[i])
             got: list[int] = []
-            while len(got) < N:
+            while len(got) < N and not (set(got) & set(lm.info.eos_token_ids)):
                 good = refs[i][len(got):len(got) + 4]
                 draft = good[: rng.randrange(0, 5)] + [rng.randrange(1000)]  # right for a while, then wrong
                 r = await s.verify(draft)
@@ -55,5 +55,13 @@ async def test_real_cloud_verify_decoding_equals_hf_greedy(real_cloud: tuple[Any
             return got[:N]
 
         outs = await asyncio.gather(*(decode(i) for i in range(len(prompts))))  # batched across sessions
+    eos = set(lm.info.eos_token_ids)
+
+    def upto_eos(ids: list[int]) -> list[int]:
+        for i, t in enumerate(ids):
+            if t in eos:
+                return ids[: i + 1]
+        return ids
+
     for out, ref in zip(outs, refs):
-        assert out == ref, (tokenizer.decode(out), tokenizer.decode(ref))
+        assert upto_eos(out) == upto_eos(ref), (tokenizer.decode(out), tokenizer.decode(ref))
