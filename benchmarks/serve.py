@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import typer
+
 ROOT = Path(__file__).resolve().parent.parent
 SECTION = "serve"
 PROMPTS = [
@@ -39,9 +41,17 @@ PROMPTS = [
 
 
 def write_section(doc: Path, name: str, body: str) -> None:
-    """Replace (or append) the section between ``<!-- bench:NAME -->`` markers in `doc`."""
+    """Replace (or append) the section between ``<!-- bench:NAME -->`` markers in `doc`
+    (the shared `tether.bench_cli.update_docs_section` when it is there)."""
+    try:
+        from tether.bench_cli import update_docs_section
+    except ImportError:
+        update_docs_section = None
+    if update_docs_section is not None:
+        update_docs_section(name, body, path=doc)
+        return
     start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n\nMeasured numbers and the commands that reproduce them.\n"
+    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
     block = f"{start}\n{body.rstrip()}\n{end}"
     if start in text and end in text:
         before, rest = text.split(start, 1)
@@ -249,6 +259,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for t in targets:
         print(("MET    " if t["met"] else "MISSED ") + f"{t['target']}: {t['measured']}")
     return report
+
+
+def register(bench_app: Any) -> None:
+    """Add `tether bench serve` (see `main` for the options)."""
+
+    @bench_app.command(
+        "serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+        help="Cloud service throughput: verified tokens/s for 1/4/8 sessions, batching on vs off. "
+             "Options: --sessions 1 4 8 --rounds 5 --k 4 --corrupt 0.25 --window-ms 5 --threads N "
+             "--model NAME --out FILE --docs DIR --no-docs. Run under flock /tmp/tether-bigmem.lock.")
+    def serve(ctx: typer.Context) -> None:
+        main(list(ctx.args))
 
 
 if __name__ == "__main__":

@@ -23,3 +23,20 @@ def test_bench_serve_runs_on_a_tiny_model(tmp_path: Path) -> None:
     assert all(r["verified_tokens"] == r["sessions"] * 2 * 4 for r in rows)
     doc = (tmp_path / "benchmarks.md").read_text()
     assert "<!-- bench:serve -->" in doc and "| 2 | on |" in doc
+
+
+def test_bench_serve_registers_a_typer_command() -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from tether.benchmarks.serve import register
+
+    app = typer.Typer()
+    register(app)
+
+    @app.command("other")
+    def other() -> None:  # a second command keeps typer from collapsing the group
+        pass
+
+    out = CliRunner().invoke(app, ["serve", "--help"]).output
+    assert "verified tokens/s" in out
