@@ -162,20 +162,23 @@ def _markdown(report: dict[str, Any]) -> str:
         "",
         f"Real `CloudServer` on loopback (encrypted protocol), cloud model `{c['cloud_model']}` "
         f"(torch fp32, {c['torch_threads']} threads, {c['machine']}). Each session verifies greedy drafts of "
-        f"k={c['k']} tokens ({int(c['corrupt'] * 100)}% of draft tokens corrupted, so acceptance is partial) for "
+        f"k = {', '.join(str(k) for k in c['k'])} tokens ({int(c['corrupt'] * 100)}% of draft tokens corrupted, "
+        f"so acceptance is partial; each verify is one forward over the pending token + k drafts) for "
         f"{c['rounds']} timed rounds after one warm-up round; sessions run concurrently. "
         f"Batching window {c['window_ms']} ms, max batch 8. One run, {c['date']}.",
         "",
-        "| sessions | batching | verified tok/s | committed tok/s | acceptance | forward passes | mean batch | "
+        "| k | sessions | batching | verified tok/s | committed tok/s | acceptance | forward passes | mean batch | "
         "verify p50 (s) | output = greedy |",
-        "|---:|:---|---:|---:|---:|---:|---:|---:|:---|",
+        "|---:|---:|:---|---:|---:|---:|---:|---:|---:|:---|",
     ]
     for r in report["results"]:
         lines.append(
-            f"| {r['sessions']} | {'on' if r['batching'] else 'off'} | {r['verified_tok_s']} | "
+            f"| {r['k']} | {r['sessions']} | {'on' if r['batching'] else 'off'} | {r['verified_tok_s']} | "
             f"{r['committed_tok_s']} | {r['acceptance']:.0%} | {r['forward_passes']} | {r['mean_batch']} | "
             f"{r['verify_latency_p50_s']} | {'yes' if r['identical_to_greedy'] else 'NO'} |")
-    lines += ["", "Target: 8 sessions with batching >= 3x the verified tokens/s of 8 sessions without."]
+    lines += ["", "Target: 8 sessions with batching >= 3x the verified tokens/s of 8 sessions without. The machine's "
+                  "2 cores were shared with other jobs during the run (only memory-heavy jobs are serialised), "
+                  "so absolute numbers are noisy; batched and unbatched runs alternate to spread that noise."]
     for t in report["targets"]:
         lines.append(f"- {'met' if t['met'] else 'missed'}: {t['target']} — measured {t['measured']}")
     lines += ["", f"Reproduce: `flock /tmp/tether-bigmem.lock {c['command']}`"]
@@ -187,7 +190,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--model", default="", help="cloud model (default: the registry's cloud model)")
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--k", type=int, nargs="+", default=[2, 4],
+                        help="draft lengths; the first is the headline (k=2: on this CPU a block of 2 costs "
+                             "about one decode step, see docs/models.md)")
     parser.add_argument("--corrupt", type=float, default=0.25, help="fraction of draft tokens replaced")
     parser.add_argument("--window-ms", type=float, default=5.0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
@@ -213,26 +218,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     n = max(args.sessions)
     prompts = [_prompt_ids(tokenizer, PROMPTS[i % len(PROMPTS)]) for i in range(n)]
     t1 = time.time()
-    refs = _references(model, prompts, (args.rounds + 1) * (args.k + 1) + 2)
+    refs = _references(model, prompts, (args.rounds + 1) * (max(args.k) + 1) + 2)
     print(f"greedy references in {time.time() - t1:.0f} s", flush=True)
     results = []
-    for sessions in args.sessions:
-        for batching in (True, False):
-            row = asyncio.run(_run_config(model, tokenizer, prompts, refs, sessions=sessions, batching=batching,
-                                          rounds=args.rounds, k=args.k, corrupt=args.corrupt,
-                                          window_s=args.window_ms / 1000))
-            print(json.dumps(row), flush=True)
-            results.append(row)
+    for k in args.k:
+        for sessions in args.sessions:
+            for batching in (True, False):
+                row = asyncio.run(_run_config(model, tokenizer, prompts, refs, sessions=sessions, batching=batching,
+                                              rounds=args.rounds, k=k, corrupt=args.corrupt,
+                                              window_s=args.window_ms / 1000))
+                print(json.dumps(row), flush=True)
+                results.append(row)
 
-    def tps(s: int, b: bool) -> float | None:
-        return next((r["verified_tok_s"] for r in results if r["sessions"] == s and r["batching"] == b), None)
+    def tps(s: int, b: bool, k: int) -> float | None:
+        return next((r["verified_tok_s"] for r in results
+                     if r["sessions"] == s and r["batching"] == b and r["k"] == k), None)
 
     targets = []
-    on, off = tps(8, True), tps(8, False)
-    if on is not None and off is not None:
-        ratio = on / off
-        targets.append({"target": "8 sessions batched >= 3x unbatched (verified tok/s)",
-                        "measured": f"{ratio:.2f}x ({on} vs {off})", "met": ratio >= 3.0})
+    for i, k in enumerate(args.k):
+        on, off = tps(8, True, k), tps(8, False, k)
+        if on is not None and off is not None:
+            ratio = on / off
+            targets.append({"target": f"8 sessions batched >= 3x unbatched (verified tok/s, k={k})"
+                                      + (" [headline]" if i == 0 else ""),
+                            "measured": f"{ratio:.2f}x ({on} vs {off})", "met": ratio >= 3.0})
     report = {
         "benchmark": "serve",
         "conditions": {

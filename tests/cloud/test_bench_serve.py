@@ -19,10 +19,10 @@ def test_bench_serve_runs_on_a_tiny_model(tmp_path: Path) -> None:
                    "--docs", str(tmp_path)])
     assert json.loads(out.read_text())["benchmark"] == "serve"
     rows = report["results"]
-    assert len(rows) == 4 and all(r["identical_to_greedy"] for r in rows)
-    assert all(r["verified_tokens"] == r["sessions"] * 2 * 4 for r in rows)
+    assert len(rows) == 8 and all(r["identical_to_greedy"] for r in rows)
+    assert all(r["verified_tokens"] == r["sessions"] * 2 * r["k"] for r in rows)
     doc = (tmp_path / "benchmarks.md").read_text()
-    assert "<!-- bench:serve -->" in doc and "| 2 | on |" in doc
+    assert "<!-- bench:serve -->" in doc and "| 4 | 2 | on |" in doc
 
 
 def test_bench_serve_registers_a_typer_command() -> None:
