@@ -103,7 +103,7 @@ def encode_frame(message: Message, *, request_id: int = 0, flags: int = 0, paddi
     if flags & ~KNOWN_FLAGS or not 0 <= padding < 2**32:
         raise UsageError("bad flags or padding")
     meta_dict = message._to_metadata()
-    metadata = encode_metadata(meta_dict) if meta_dict else b""
+    metadata = encode_metadata(meta_dict, checked=True) if meta_dict else b""
     descriptors = bytearray()
     chunks: list[Any] = []
     data_size = 0

@@ -62,12 +62,30 @@ def _check(value: Any, depth: int, max_depth: int, remote: bool) -> None:
     raise error(f"metadata: {type(value).__name__} is not a JSON value")
 
 
-def encode_metadata(obj: dict[str, Any], *, max_depth: int = 32) -> bytes:
-    """Canonical UTF-8 JSON (sorted keys, no spaces) of a dict of JSON values."""
+def encode_metadata(obj: dict[str, Any], *, max_depth: int = 32, checked: bool = False) -> bytes:
+    """Canonical UTF-8 JSON (sorted keys, no spaces) of a dict of JSON values.
+
+    `checked=True` skips the value walk for dicts built from validated records.
+    """
     if not isinstance(obj, dict):
         raise InvalidMessage("metadata must be a JSON object")
-    _check(obj, 1, max_depth, remote=False)
+    if not checked:
+        _check(obj, 1, max_depth, remote=False)
     return _ENCODER.encode(obj).encode("utf-8")
+
+
+def _parse_int(text: str) -> int:
+    value = int(text)
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise BadMetadata("metadata: integer outside signed 64 bits")
+    return value
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise BadMetadata("metadata: non-finite number")
+    return value
 
 
 def decode_metadata(data: bytes | memoryview, *, max_depth: int) -> dict[str, Any]:
@@ -83,7 +101,13 @@ def decode_metadata(data: bytes | memoryview, *, max_depth: int) -> dict[str, An
     except UnicodeDecodeError as exc:
         raise BadMetadata("metadata is not UTF-8") from exc
     try:
-        obj = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicates)
+        obj = json.loads(
+            text,
+            parse_constant=_reject_constant,
+            parse_int=_parse_int,
+            parse_float=_parse_float,
+            object_pairs_hook=_no_duplicates,
+        )
     except RecursionError as exc:
         raise BadMetadata(f"metadata nesting deeper than {max_depth}") from exc
     except BadMetadata:
@@ -92,5 +116,8 @@ def decode_metadata(data: bytes | memoryview, *, max_depth: int) -> dict[str, An
         raise BadMetadata("metadata is not valid JSON") from exc
     if not isinstance(obj, dict):
         raise BadMetadata("metadata must be a JSON object")
-    _check(obj, 1, max_depth, remote=True)
+    # Numbers were checked while parsing; nesting can only exceed the limit if there are
+    # more opening brackets than the limit, so the walk is skipped for ordinary metadata.
+    if text.count("[") + text.count("{") > max_depth:
+        _check(obj, 1, max_depth, remote=True)
     return obj

@@ -63,6 +63,11 @@ class FieldInfo:
     as_tensor: bool = False  # field holds a Tensor (else an np.ndarray)
     optional: bool = False
     slot: int = -1
+    default: Any = None  # used when a decoded message omits an optional field
+    default_factory: Callable[[], Any] | None = None
+
+    def default_value(self) -> Any:
+        return self.default_factory() if self.default_factory is not None else self.default
 
 
 def _err(remote: bool, text: str) -> Exception:
@@ -216,7 +221,16 @@ class Record:
             elif info.required:
                 raise _err(remote, f"{path}: missing field {info.name!r}")
         try:
-            return cls(**kwargs)
+            if not remote:
+                return cls(**kwargs)
+            # Decoded values were converted above (and tensors checked by the frame decoder),
+            # so build without converting twice; the cross-field rules still run.
+            obj = object.__new__(cls)
+            for info in cls.FIELDS:
+                value = kwargs[info.name] if info.name in kwargs else info.default_value()
+                object.__setattr__(obj, info.name, value)
+            obj._check()
+            return obj
         except TensorFieldInvalid as exc:
             if remote:
                 raise BadTensor(str(exc)) from None
@@ -325,7 +339,11 @@ def build_fields(cls: type) -> tuple[FieldInfo, ...]:
             slot += 1
         else:
             convert, to_json = _make_converter(tp)
-            out.append(FieldInfo(f.name, required, convert=convert, to_json=to_json))
+            default = None if f.default is dataclasses.MISSING else f.default
+            factory = None if f.default_factory is dataclasses.MISSING else f.default_factory
+            out.append(
+                FieldInfo(f.name, required, convert=convert, to_json=to_json, default=default, default_factory=factory)
+            )
     return tuple(out)
 
 

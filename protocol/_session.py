@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Any
 
 import tether
 from tether.protocol._errors import (
@@ -162,7 +163,10 @@ class _ProtocolBase:
         self.handshake_hash: bytes = b""
         self.transport: Transport | None = None
         self.peer_max_frame_bytes = 0  # 0 = not announced
-        self._outbox: list[bytes | bytearray] = []
+        # Handshake messages (bytes) and transport frames not yet sealed (EncodedFrame): sealing
+        # happens when the output is taken, in order, so an adapter may seal large frames
+        # off the event loop (`pending_output` + `seal`).
+        self._outbox: list[bytes | bytearray | EncodedFrame] = []
         self._events: list[Event] = []
         self._flow: Flow | None = None
         self._started = clock()
@@ -177,10 +181,33 @@ class _ProtocolBase:
             raise AssertionError(f"illegal transition {self.state.name} -> {new.name}")
         self.state = new
 
+    def has_data_to_send(self) -> bool:
+        return bool(self._outbox)
+
     def data_to_send(self) -> list[bytes | bytearray]:
         """Records to write to the websocket, in order (each is one binary message)."""
+        out: list[bytes | bytearray] = []
+        for item in self.pending_output():
+            if isinstance(item, EncodedFrame):
+                out.extend(self.seal(item))
+            else:
+                out.append(item)
+        return out
+
+    def pending_output(self) -> list[bytes | bytearray | EncodedFrame]:
+        """Output in order: ready records, and frames to pass through `seal()` in this order.
+
+        For adapters that seal large frames in a worker thread; `data_to_send()` is the
+        simple alternative. The caller must seal every frame, in order, before taking more.
+        """
         out, self._outbox = self._outbox, []
         return out
+
+    def seal(self, frame: EncodedFrame) -> list[bytearray]:
+        """Encrypt one queued frame into its record(s) (a Rekey record may follow). Touches
+        only the sending cipher, so it may run in a worker thread while the loop receives."""
+        assert self.transport is not None
+        return self.transport.seal(frame)
 
     def _emit(self, event: Event) -> None:
         self._events.append(event)
@@ -233,9 +260,44 @@ class _ProtocolBase:
     def _handshake_done(self, result: HandshakeResult) -> None:
         raise NotImplementedError
 
+    def decrypt_record(self, data: bytes | bytearray | memoryview) -> Any:
+        """First half of `receive_data` after the handshake: check and decrypt one record.
+
+        Touches only the receiving cipher, so an adapter may run it in a worker thread (one
+        record at a time, in order), then pass the result to `receive_plaintext`.
+
+        Raises:
+            FrameTruncated, FrameReplayed, FrameReordered, FrameTampered, FrameTooLarge,
+            ProtocolError: the caller must then call `fail(exc)`.
+        """
+        if self.state is State.HANDSHAKE or self.transport is None:
+            raise UsageError("decrypt_record before the handshake is complete")
+        return self.transport.decrypt(data)
+
+    def receive_plaintext(self, plaintext: Any) -> list[Event]:
+        """Second half of `receive_data`: decode a decrypted record and update the state."""
+        if self.state is State.CLOSED:
+            return []
+        try:
+            assert self.transport is not None
+            self._receive_frame_plaintext(plaintext)
+        except ChannelError as exc:
+            self._fail(exc)
+            raise
+        events, self._events = self._events, []
+        return events
+
+    def fail(self, exc: ChannelError) -> None:
+        """Close because of `exc` (for adapters that detect errors themselves)."""
+        self._fail(exc)
+
     def _receive_record(self, data: bytes | bytearray | memoryview) -> None:
         assert self.transport is not None
-        frame = self.transport.open(data)
+        self._receive_frame_plaintext(self.transport.decrypt(data))
+
+    def _receive_frame_plaintext(self, plaintext: Any) -> None:
+        assert self.transport is not None
+        frame = self.transport.decode(plaintext)
         self._last_received = self.clock()
         self._ping_sent_at = None  # any authentic record proves the peer is alive
         if frame is None:
@@ -267,7 +329,7 @@ class _ProtocolBase:
 
     def _seal(self, encoded: EncodedFrame) -> None:
         assert self.transport is not None
-        self._outbox.extend(self.transport.seal(encoded))
+        self._outbox.append(encoded)
 
     def _encode(self, message: Message, request_id: int, flags: int) -> EncodedFrame:
         encoded = encode_frame(message, request_id=request_id, flags=flags)

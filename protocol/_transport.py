@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import struct
 
+import numpy as np
+
 from tether.protocol._cipher import TAG_LEN, CipherState, InvalidTag
 from tether.protocol._errors import (
     FrameReordered,
@@ -103,6 +105,14 @@ class Transport:
             and the frame decoding errors of `decode_frame`. After any of them the
             connection must be closed: the receive state is no longer trustworthy.
         """
+        return self.decode(self.decrypt(record))
+
+    def decrypt(self, record: bytes | bytearray | memoryview) -> np.ndarray:
+        """Check a record's header against the expected counter and limits, then decrypt it.
+
+        Returns the plaintext frame (a fresh uint8 buffer that decoded tensors will view).
+        Touches only the receiving cipher state.
+        """
         view = memoryview(record)
         size = len(view)
         if size < RECORD_HEADER.size:
@@ -122,12 +132,16 @@ class Transport:
             raise ProtocolError(f"record of {size} bytes is longer than its declared {RECORD_HEADER.size + length}")
         if length < MIN_CIPHERTEXT:
             raise ProtocolError(f"record declares {length} bytes, less than the minimum {MIN_CIPHERTEXT}")
-        plaintext = bytearray(length - TAG_LEN)
+        plaintext = np.empty(length - TAG_LEN, dtype=np.uint8)  # no zero fill: fully overwritten
         try:
-            self._receive.decrypt_into(view[RECORD_HEADER.size :], memoryview(plaintext))
+            self._receive.decrypt_into(view[RECORD_HEADER.size :], plaintext)
         except InvalidTag as exc:
             raise FrameTampered(f"record {counter} failed authentication") from exc
         self.records_received += 1
+        return plaintext
+
+    def decode(self, plaintext: np.ndarray) -> Frame | None:
+        """Decode a decrypted record; a Rekey frame rekeys the receiving cipher and gives None."""
         frame = decode_frame(plaintext, self.limits)
         if isinstance(frame.message, Rekey):
             if frame.request_id or frame.flags:

@@ -10,9 +10,11 @@ line, without the error text going on the wire.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import inspect
 import logging
+import os
 import ssl as ssl_module
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
@@ -36,6 +38,7 @@ from tether.protocol._errors import (
     ServerKeyMismatch,
     UsageError,
 )
+from tether.protocol._frames import EncodedFrame
 from tether.protocol._handshake import probe_server_key
 from tether.protocol._keys import Allowlist, KeyPair, PublicKey, load_public_key
 from tether.protocol._limits import Limits, RekeyPolicy
@@ -105,6 +108,20 @@ def _close_info(exc: ConnectionClosed) -> tuple[int, str]:
     return int(frame.code), frame.reason
 
 
+_OFFLOAD_BYTES = 256 * 1024  # records at least this large are encrypted/decrypted off the loop
+_POOL: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _crypto_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """Threads for ChaCha20-Poly1305 on large records (`cryptography` releases the GIL there)."""
+    global _POOL
+    if _POOL is None:
+        _POOL = concurrent.futures.ThreadPoolExecutor(
+            max_workers=min(8, os.cpu_count() or 2), thread_name_prefix="tether-crypto"
+        )
+    return _POOL
+
+
 class _Driver:
     """Pumps one websocket through one sans-I/O protocol: sending, receiving, timers."""
 
@@ -141,21 +158,45 @@ class _Driver:
     # ---- sending
 
     async def flush(self) -> None:
-        """Send everything the protocol queued, in order."""
+        """Seal and send everything the protocol queued, in order.
+
+        Large frames are sealed in a worker thread (`cryptography` releases the GIL), and
+        the next frame is sealed while the previous record is being written, so encryption
+        overlaps the websocket's own work. Sealing stays sequential per connection (nonces).
+        """
         async with self._send_lock:
-            records = self.protocol.data_to_send()
-            if not records:
-                return
-            if self._out_shaper is not None:
-                if self._out_queue is None:
-                    self._out_queue = asyncio.Queue()
-                    self._out_task = asyncio.get_running_loop().create_task(self._out_pump())
-                now = time.monotonic()
-                for record in records:
-                    self._out_queue.put_nowait((self._out_shaper.schedule(len(record), now), record))
-                return
-            for record in records:
-                await self.ws.send(record)
+            loop = asyncio.get_running_loop()
+            sending: asyncio.Future[None] | None = None
+            try:
+                for item in self.protocol.pending_output():
+                    if not isinstance(item, EncodedFrame):
+                        records: list[Any] = [item]
+                    elif item.size >= _OFFLOAD_BYTES:
+                        records = await loop.run_in_executor(_crypto_pool(), self.protocol.seal, item)
+                    else:
+                        records = self.protocol.seal(item)
+                    if sending is not None:
+                        await sending
+                    sending = asyncio.ensure_future(self._send_records(records))
+                if sending is not None:
+                    await sending
+                    sending = None
+            finally:
+                if sending is not None and not sending.done():
+                    sending.cancel()
+
+    async def _send_records(self, records: list[Any]) -> None:
+        for record in records:
+            await self._send_record(record)
+
+    async def _send_record(self, record: bytes | bytearray) -> None:
+        if self._out_shaper is None:
+            await self.ws.send(record)
+            return
+        if self._out_queue is None:
+            self._out_queue = asyncio.Queue()
+            self._out_task = asyncio.get_running_loop().create_task(self._out_pump())
+        self._out_queue.put_nowait((self._out_shaper.schedule(len(record), time.monotonic()), record))
 
     def flush_soon(self) -> None:
         """Flush from a background task (for callers that must not await)."""
@@ -245,15 +286,26 @@ class _Driver:
 
     async def process(self, data: bytes) -> bool:
         """Feed one record; returns False once the connection is finished."""
+        protocol = self.protocol
         try:
-            events = self.protocol.receive_data(data)
+            if len(data) >= _OFFLOAD_BYTES and protocol.state is not State.HANDSHAKE:
+                loop = asyncio.get_running_loop()
+                try:
+                    plaintext = await loop.run_in_executor(_crypto_pool(), protocol.decrypt_record, data)
+                except ChannelError as exc:
+                    protocol.fail(exc)
+                    raise
+                events = protocol.receive_plaintext(plaintext)
+            else:
+                events = protocol.receive_data(data)
         except ChannelError as exc:
             await self.abort(exc, already_failed=True)
             return False
         if events:
             self.on_events(events)
-        with contextlib.suppress(ConnectionClosed):
-            await self.flush()
+        if self.protocol.has_data_to_send():
+            with contextlib.suppress(ConnectionClosed):
+                await self.flush()
         if self.protocol.state is State.CLOSED:
             # The peer said Goodbye: echo its code on the websocket and finish.
             code = self.protocol.close_code or int(CloseCode.NORMAL)

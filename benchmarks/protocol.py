@@ -1,0 +1,388 @@
+"""`tether bench protocol`: the encrypted protocol against plain websockets on the same loopback.
+
+Measures, in one run and on the same machine:
+- handshake latency: `connect()` with Noise IK and XX (TCP + websocket upgrade + Noise +
+  Welcome) against a plain `websockets.connect()` (TCP + websocket upgrade);
+- request/response latency: a small AppendTokens request and its reply against a plain
+  websocket message of the same token bytes and a small answer;
+- throughput of 4 KiB and 1 MiB float32 tensor messages (ContinueHidden) from client to
+  server, 8 in flight, against plain websockets carrying the raw tensor bytes, 8 in flight;
+- bytes on the wire per message beyond the tensor payload.
+
+The servers run in a separate process (like a real peer), both with `compression=None`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Optional
+
+import typer
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection as Pipe
+
+__all__ = ["register", "run"]
+
+WINDOW = 8
+SIZES = {"4KiB": 4 * 1024, "1MiB": 1024 * 1024}
+ACK = bytes(16)
+
+
+# --------------------------------------------------------------------------- server process
+
+
+def _server_process(private_key: bytes, client_key: bytes, pipe: Pipe) -> None:
+    asyncio.run(_serve_both(private_key, client_key, pipe))
+
+
+async def _serve_both(private_key: bytes, client_key: bytes, pipe: Pipe) -> None:
+    from websockets.asyncio.server import serve as ws_serve
+
+    from tether.protocol import (
+        Appended,
+        AppendTokens,
+        ContinueHidden,
+        ErrorCode,
+        HiddenResult,
+        KeyPair,
+        Limits,
+        PublicKey,
+        Request,
+        RequestFailed,
+        ServerConnection,
+        serve,
+    )
+
+    async def plain(ws: Any) -> None:
+        async for _ in ws:
+            await ws.send(ACK)
+
+    async def on_request(request: Request) -> Any:
+        message = request.message
+        if isinstance(message, ContinueHidden):
+            return HiddenResult(session_id=message.session_id, next_token=0, length=message.hidden.shape[0])
+        if isinstance(message, AppendTokens):
+            return Appended(session_id=message.session_id, length=int(message.tokens.shape[0]))
+        raise RequestFailed(ErrorCode.UNSUPPORTED)
+
+    async def handle(conn: ServerConnection) -> None:
+        await conn.serve_requests(on_request)
+
+    limits = Limits(max_frame_bytes=4 * 1024 * 1024)
+    tether_server = await serve(
+        handle, "127.0.0.1", 0, server_keys=KeyPair.from_private_bytes(private_key),
+        allowlist=[PublicKey(client_key)], limits=limits,
+    )
+    async with ws_serve(plain, "127.0.0.1", 0, compression=None, max_size=None, ping_interval=None) as plain_server:
+        plain_port = next(iter(plain_server.sockets)).getsockname()[1]
+        pipe.send((tether_server.port, plain_port))
+        await asyncio.get_running_loop().run_in_executor(None, pipe.recv)  # wait for "stop"
+    await tether_server.close(grace=1.0)
+
+
+# --------------------------------------------------------------------------- measurements
+
+
+def _summary(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+    return {
+        "median_ms": statistics.median(ordered) * 1e3,
+        "p90_ms": ordered[int(0.9 * (len(ordered) - 1))] * 1e3,
+        "n": len(ordered),
+    }
+
+
+async def _time_many(n: int, step: Callable[[], Awaitable[float]], advance: Callable[[], None]) -> list[float]:
+    samples = []
+    for _ in range(n):
+        samples.append(await step())
+        advance()
+    return samples
+
+
+async def _measure(ports: tuple[int, int], server_public: bytes, client_private: bytes, *, quick: bool,
+                   progress: Any, smoke: bool = False) -> dict[str, Any]:
+    import numpy as np
+    from websockets.asyncio.client import connect as ws_connect
+
+    from tether.protocol import (
+        AppendTokens,
+        ContinueHidden,
+        KeyPair,
+        Limits,
+        PublicKey,
+        Tensor,
+        connect,
+        encode_frame,
+    )
+    from tether.protocol._transport import RECORD_OVERHEAD
+
+    tether_url, plain_url = f"ws://127.0.0.1:{ports[0]}", f"ws://127.0.0.1:{ports[1]}"
+    keys = KeyPair.from_private_bytes(client_private)
+    server_key = PublicKey(server_public)
+    limits = Limits(max_frame_bytes=4 * 1024 * 1024)
+    handshakes = 40 if quick else 200
+    round_trips = 300 if quick else 2000
+    volume = {"4KiB": (8 if quick else 32) * 1024 * 1024, "1MiB": (96 if quick else 512) * 1024 * 1024}
+    rounds = 3 if quick else 7
+    if smoke:  # a functional check of the benchmark itself (tests), not a measurement
+        handshakes, round_trips, rounds = 3, 10, 2
+        volume = {"4KiB": 64 * 1024, "1MiB": 2 * 1024 * 1024}
+    plain_kwargs: dict[str, Any] = {"compression": None, "max_size": None, "ping_interval": None, "proxy": None}
+    results: dict[str, Any] = {}
+
+    # ---- handshake latency
+    task = progress.add_task("handshakes", total=3 * handshakes)
+
+    async def plain_handshake() -> float:
+        start = time.perf_counter()
+        ws = await ws_connect(plain_url, **plain_kwargs)
+        elapsed = time.perf_counter() - start
+        await ws.close()
+        return elapsed
+
+    def tether_handshake(pattern: str) -> Callable[[], Awaitable[float]]:
+        async def step() -> float:
+            start = time.perf_counter()
+            conn = await connect(tether_url, keys, server_public_key=server_key, pattern=pattern, limits=limits)
+            elapsed = time.perf_counter() - start
+            await conn.close()
+            return elapsed
+
+        return step
+
+    advance = lambda: progress.advance(task)  # noqa: E731
+    plain = _summary(await _time_many(handshakes, plain_handshake, advance))
+    for pattern in ("IK", "XX"):
+        ours = _summary(await _time_many(handshakes, tether_handshake(pattern), advance))
+        results[f"handshake_{pattern}"] = {
+            "tether": ours, "plain_websockets": plain, "ratio": ours["median_ms"] / plain["median_ms"],
+        }
+
+    # ---- request/response latency
+    task = progress.add_task("request/response", total=2 * round_trips)
+    advance = lambda: progress.advance(task)  # noqa: E731
+    request = AppendTokens(session_id="bench", tokens=np.arange(8, dtype=np.int32))
+    async with await connect(tether_url, keys, server_public_key=server_key, limits=limits) as conn:
+        async def tether_rr() -> float:
+            start = time.perf_counter()
+            await conn.request(request)
+            return time.perf_counter() - start
+
+        for _ in range(20):
+            await conn.request(request)
+        ours = _summary(await _time_many(round_trips, tether_rr, advance))
+    token_bytes = request.tokens.tobytes()
+    async with ws_connect(plain_url, **plain_kwargs) as ws:
+        async def plain_rr() -> float:
+            start = time.perf_counter()
+            await ws.send(token_bytes)
+            await ws.recv()
+            return time.perf_counter() - start
+
+        plain = _summary(await _time_many(round_trips, plain_rr, advance))
+    results["request_response"] = {
+        "tether": ours, "plain_websockets": plain, "ratio": ours["median_ms"] / plain["median_ms"],
+        "request_frame_bytes": encode_frame(request).size + RECORD_OVERHEAD,
+    }
+
+    # ---- throughput: alternate tether and plain rounds, so load from anything else
+    # running on the machine affects both alike; report medians over the rounds.
+    for label, nbytes in SIZES.items():
+        count = max(1 if smoke else 16, volume[label] // nbytes // rounds)
+        hidden = np.random.default_rng(0).standard_normal(nbytes // 4, dtype=np.float32).reshape(-1, 1024)
+        message = ContinueHidden(session_id="bench", layer=12, hidden=Tensor.from_numpy(hidden))
+        payload = hidden.tobytes()
+        assert len(payload) == nbytes
+        task = progress.add_task(f"throughput {label}", total=2 * count * rounds)
+        tether_rates, plain_rates = [], []
+        async with await connect(tether_url, keys, server_public_key=server_key, limits=limits) as conn, \
+                ws_connect(plain_url, **plain_kwargs) as ws:
+            window = asyncio.Semaphore(WINDOW)
+
+            async def one() -> None:
+                async with window:
+                    await conn.request(message)
+                progress.advance(task)
+
+            async def tether_round() -> float:
+                start = time.perf_counter()
+                await asyncio.gather(*(one() for _ in range(count)))
+                return count * nbytes / (time.perf_counter() - start) / 1e6
+
+            async def plain_round() -> float:
+                credits = asyncio.Semaphore(WINDOW)
+
+                async def receiver() -> None:
+                    for _ in range(count):
+                        await ws.recv()
+                        credits.release()
+                        progress.advance(task)
+
+                start = time.perf_counter()
+                reader = asyncio.create_task(receiver())
+                for _ in range(count):
+                    await credits.acquire()
+                    await ws.send(payload)
+                await reader
+                return count * nbytes / (time.perf_counter() - start) / 1e6
+
+            await asyncio.gather(*(conn.request(message) for _ in range(WINDOW)))  # warm up
+            for _ in range(WINDOW):
+                await ws.send(payload)
+                await ws.recv()
+            for index in range(rounds):
+                if index % 2 == 0:
+                    tether_rates.append(await tether_round())
+                    plain_rates.append(await plain_round())
+                else:
+                    plain_rates.append(await plain_round())
+                    tether_rates.append(await tether_round())
+
+        frame = encode_frame(message)
+        ratios = [t / p for t, p in zip(tether_rates, plain_rates)]
+        ours_rate, plain_rate = statistics.median(tether_rates), statistics.median(plain_rates)
+        results[f"throughput_{label}"] = {
+            "rounds": rounds,
+            "messages_per_round": count,
+            "tensor_bytes": nbytes,
+            "tether_MBps": ours_rate,
+            "plain_websockets_MBps": plain_rate,
+            "ratio": statistics.median(ratios),
+            "ratio_per_round": ratios,
+            "tether_MBps_per_round": tether_rates,
+            "plain_websockets_MBps_per_round": plain_rates,
+            "tether_messages_per_s": ours_rate * 1e6 / nbytes,
+            "plain_messages_per_s": plain_rate * 1e6 / nbytes,
+            "overhead_bytes_per_message": frame.size + RECORD_OVERHEAD - nbytes,
+            "frame_bytes": frame.size,
+        }
+
+    results["overhead"] = {
+        "record_bytes": RECORD_OVERHEAD,
+        "record_layout": "u64 counter + u32 length + 16-byte Poly1305 tag",
+        "frame_header_bytes": 24,
+        "small_request_bytes": encode_frame(request).size + RECORD_OVERHEAD,
+        "small_request_payload_bytes": len(token_bytes),
+    }
+    return results
+
+
+def run(*, quick: bool = False, show_progress: bool = True, smoke: bool = False) -> dict[str, Any]:
+    """Run the protocol benchmark and return its results (`smoke`: a few samples, for tests)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from tether.bench_cli import environment
+    from tether.protocol import KeyPair
+
+    server_keys, client_keys = KeyPair.generate(), KeyPair.generate()
+    context = multiprocessing.get_context("spawn")
+    parent, child = context.Pipe()
+    process = context.Process(
+        target=_server_process, args=(server_keys.private_bytes(), client_keys.public.raw, child), daemon=True
+    )
+    process.start()
+    try:
+        if not parent.poll(60):
+            raise RuntimeError("benchmark server did not start")
+        ports = parent.recv()
+        columns = (TextColumn("{task.description:<20}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                   TimeElapsedColumn())
+        with Progress(*columns, disable=not show_progress, transient=False) as progress:
+            results = asyncio.run(
+                _measure(ports, server_keys.public.raw, client_keys.private_bytes(), quick=quick, progress=progress,
+                         smoke=smoke)
+            )
+    finally:
+        parent.send("stop")
+        process.join(10)
+        if process.is_alive():
+            process.kill()
+    return {"benchmark": "protocol", "quick": quick, "window": WINDOW, "environment": environment(),
+            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "results": results}
+
+
+def render_markdown(data: dict[str, Any]) -> str:
+    r = data["results"]
+    env = data["environment"]
+    packages = env["packages"]
+    lines = [
+        "## protocol",
+        "",
+        f"`tether bench protocol{' --quick' if data['quick'] else ''}` on {env['processor']}, {env['cpus']} CPUs, "
+        f"Python {env['python']}, websockets {packages.get('websockets', '?')}, "
+        f"cryptography {packages.get('cryptography', '?')} ({data['timestamp']}). Client and servers on "
+        "127.0.0.1 in two processes; plain websockets with `compression=None` in the same run. "
+        "Ratios are tether / plain.",
+        "",
+        "| measurement | tether | plain websockets | ratio |",
+        "| --- | --- | --- | --- |",
+    ]
+    for pattern in ("IK", "XX"):
+        h = r[f"handshake_{pattern}"]
+        lines.append(
+            f"| connect + handshake, Noise {pattern} (median / p90) | {h['tether']['median_ms']:.2f} / "
+            f"{h['tether']['p90_ms']:.2f} ms | {h['plain_websockets']['median_ms']:.2f} / "
+            f"{h['plain_websockets']['p90_ms']:.2f} ms | {h['ratio']:.2f}x |"
+        )
+    rr = r["request_response"]
+    lines.append(
+        f"| request/response, 8 tokens (median / p90) | {rr['tether']['median_ms']:.3f} / "
+        f"{rr['tether']['p90_ms']:.3f} ms | {rr['plain_websockets']['median_ms']:.3f} / "
+        f"{rr['plain_websockets']['p90_ms']:.3f} ms | {rr['ratio']:.2f}x |"
+    )
+    for label in SIZES:
+        t = r[f"throughput_{label}"]
+        lines.append(
+            f"| throughput, {label} float32 tensors, {data['window']} in flight, median of {t['rounds']} rounds "
+            f"| {t['tether_MBps']:.0f} MB/s "
+            f"({t['tether_messages_per_s']:.0f} msg/s) | {t['plain_websockets_MBps']:.0f} MB/s "
+            f"({t['plain_messages_per_s']:.0f} msg/s) | {t['ratio']:.2f}x |"
+        )
+    o = r["overhead"]
+    t4, t1 = r["throughput_4KiB"], r["throughput_1MiB"]
+    lines += [
+        "",
+        f"Overhead per message on the wire (beyond the websocket framing both share): {o['record_bytes']} bytes "
+        f"of record ({o['record_layout']}) plus the frame: a {o['frame_header_bytes']}-byte header, tensor "
+        f"descriptors, JSON metadata and 8-byte alignment. For the tensor messages above that is "
+        f"{t4['overhead_bytes_per_message']} bytes per message at 4 KiB and {t1['overhead_bytes_per_message']} "
+        f"at 1 MiB; the 8-token request is {o['small_request_bytes']} bytes for "
+        f"{o['small_request_payload_bytes']} bytes of token ids.",
+        "",
+        "Target: 1 MiB throughput >= 0.8x plain websockets: "
+        + ("met" if t1["ratio"] >= 0.8 else "NOT met") + f" ({t1['ratio']:.2f}x).",
+    ]
+    return "\n".join(lines)
+
+
+def register(bench_app: typer.Typer) -> None:
+    @bench_app.command("protocol")
+    def protocol_command(
+        quick: Annotated[bool, typer.Option("--quick", help="Fewer samples (about 10 s).")] = False,
+        docs: Annotated[bool, typer.Option("--docs/--no-docs", help="Update docs/benchmarks.md.")] = True,
+        out: Annotated[Optional[Path], typer.Option("--out", help="Results JSON (default benchmarks/results/protocol.json).")] = None,
+    ) -> None:
+        """Encrypted protocol vs plain websockets: handshake, latency, throughput, overhead."""
+        import json
+
+        from tether.bench_cli import update_docs_section, write_results
+
+        data = run(quick=quick)
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            path = out
+        else:
+            path = write_results("protocol", data)
+        markdown = render_markdown(data)
+        typer.echo(markdown)
+        typer.echo(f"\nresults: {path}")
+        if docs:
+            typer.echo(f"docs: {update_docs_section('protocol', markdown)}")
