@@ -20,6 +20,7 @@ Protocol (nothing is tuned on HumanEval):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -101,6 +102,37 @@ def labelled_jsonl(path: Path) -> Path:
 
 # -- query routers ---------------------------------------------------------------------------
 
+WEIGHT_DECAYS = (0.01, 0.1, 1.0, 10.0)
+
+
+def auc(scores: np.ndarray, y: np.ndarray) -> float:
+    """Area under the ROC curve (probability a positive outscores a negative; ties count half)."""
+    pos, neg = scores[y > 0.5], scores[y <= 0.5]
+    if not len(pos) or not len(neg):
+        return math.nan
+    diff = pos[:, None] - neg[None, :]
+    return float(((diff > 0).sum() + 0.5 * (diff == 0).sum()) / diff.size)
+
+
+def cv_weight_decay(qs: list[Query], y: np.ndarray, feats: tuple[str, ...], opts: FitOptions, folds: int = 5) -> float:
+    """The weight decay with the best 5-fold cross-validated AUC on the training tasks (never HumanEval)."""
+    order = np.random.default_rng(0).permutation(len(qs))
+    best, best_auc = opts.weight_decay, -1.0
+    for wd in WEIGHT_DECAYS:
+        aucs = []
+        for k in range(folds):
+            test = order[k::folds]
+            train = np.setdiff1d(order, test)
+            if len(set(y[train])) < 2:
+                continue
+            r = LearnedQueryRouter.fit([qs[i] for i in train], y[train], feats, dataclasses.replace(opts, weight_decay=wd))
+            a = auc(r.score_many([qs[i] for i in test]), y[test])
+            if not math.isnan(a):
+                aucs.append(a)
+        if aucs and float(np.mean(aucs)) > best_auc:
+            best, best_auc = wd, float(np.mean(aucs))
+    return best
+
 
 def query_report() -> dict[str, Any]:
     _, q_tr, e_tr, c_tr = split_data("train")
@@ -109,8 +141,11 @@ def query_report() -> dict[str, Any]:
     edge_q, cloud_q = float(e_he.mean()), float(c_he.mean())
     routers: dict[str, Any] = {f"signal:{s}": SignalRouter(s) for s in QUERY_SIGNALS}
     ROUTERS_DIR.mkdir(parents=True, exist_ok=True)
+    chosen: dict[str, float] = {}
     for name, (feats, opts) in QUERY_LEARNED.items():
-        r = LearnedQueryRouter.fit(q_tr, y_tr, feats, opts)
+        wd = cv_weight_decay(q_tr, y_tr, feats, opts)
+        chosen[f"learned:{name}"] = wd
+        r = LearnedQueryRouter.fit(q_tr, y_tr, feats, dataclasses.replace(opts, weight_decay=wd))
         routers[f"learned:{name}"] = r
     rows = []
     curves = [random_curve(edge_q, cloud_q)]
@@ -129,7 +164,7 @@ def query_report() -> dict[str, Any]:
             r.remember_scores(s_tr)
             r.save(ROUTERS_DIR / f"query-{name.split(':', 1)[1]}.safetensors")
         rows.append({
-            "router": name, "apgr": curve.apgr(), "fraction_to_95pct_cloud": curve.fraction_to_reach(0.95 * cloud_q),
+            "router": name, "weight_decay": chosen.get(name), "apgr": curve.apgr(), "fraction_to_95pct_cloud": curve.fraction_to_reach(0.95 * cloud_q),
             "min_fraction_within_1pt_of_cloud": min(within_1pt) if within_1pt else None,
             "best_pass_at_most_60pct": q60, "best_pass_at_most_60pct_fraction": frac60,
             "calib30_realised_fraction": float(np.mean(s_he < t30)),
@@ -203,6 +238,66 @@ def run_tokens(edge: Any, cloud: Any, tok: Any, *, deadline: float) -> None:
                                          "token_ids": list(run.token_ids), "routed": list(run.routed),
                                          "passed": p.check(text).passed})
         print(f"[tokens] {name}@{budget}: {time.time() - t0:.0f}s", flush=True)
+
+
+SDK_CHECK = rd.CACHE / "sdk-check-humaneval.jsonl"
+
+
+def sdk_check(edge: Any, cloud: Any, tok: Any, *, n: int = 2, budget: float = 0.3) -> None:
+    """Run ``mode="route-token"`` through the real SDK (EdgeClient, in-process cloud session)
+    on the first `n` problems with the learned token router, and cache the result; the
+    report compares it with the batched evaluator's run of the same configuration."""
+    import asyncio
+
+    from tether.cloud._manager import SessionManager
+    from tether.edge import EdgeClient, EdgeModel, InProcessCloud
+    from tether.routing import RoutingOptions
+
+    if len(rd.read_jsonl(SDK_CHECK)) >= n:
+        return
+    router, th = token_routers()["learned"]
+
+    async def go() -> None:
+        manager = SessionManager(cloud, tokenizer=tok, model_name="cloud")
+        await manager.start()
+        await manager.batcher.call(lambda: __import__("torch").set_num_threads(1))
+        em = EdgeModel(edge, tok, threads=1)
+        try:
+            client = EdgeClient(em, InProcessCloud(manager))
+            for p in rd.problems("humaneval")[:n]:
+                r = await client.generate(p.chat_prompt(tok), chat_template=False, mode="route-token",
+                                          max_new_tokens=rd.MAX_NEW_TOKENS, stop=list(rd.STOP_STRINGS),
+                                          routing=RoutingOptions(token_router=router, threshold=th[budget]))
+                rd.append_jsonl(SDK_CHECK, {"task_id": p.task_id, "router": "learned", "budget": budget,
+                                            "token_ids": list(r.token_ids), "routed": list(r.stats.routed_positions),
+                                            "cloud_forward_passes": r.stats.cloud_forward_passes, "wall_s": r.stats.wall_s})
+        finally:
+            await manager.aclose()
+            em.close()
+
+    asyncio.run(go())
+
+
+def sdk_agreement() -> dict[str, Any] | None:
+    """How the SDK's route-token runs compare with the batched evaluator's (same router, threshold)."""
+    sdk = rd.read_jsonl(SDK_CHECK)
+    if not sdk:
+        return None
+    batch = {(r["router"], r["budget"], r["task_id"]): r for r in rd.read_jsonl(TOKEN_RUNS)}
+    rows = []
+    for r in sdk:
+        b = batch.get((r["router"], r["budget"], r["task_id"]))
+        if b is None:
+            continue
+        m = min(len(r["token_ids"]), len(b["token_ids"]))
+        same = 0
+        while same < m and r["token_ids"][same] == b["token_ids"][same]:
+            same += 1
+        rows.append({"task_id": r["task_id"], "identical_prefix": same, "sdk_tokens": len(r["token_ids"]),
+                     "batched_tokens": len(b["token_ids"]),
+                     "routed_same_in_prefix": [i for i in r["routed"] if i < same] == [i for i in b["routed"] if i < same],
+                     "sdk_wall_s": r["wall_s"]})
+    return {"rows": rows}
 
 
 def token_report(edge_q: float, cloud_q: float, ids: list[str]) -> dict[str, Any]:
@@ -302,6 +397,13 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", "| token router | APGR | cloud token share for 95% of cloud pass@1 |", "|:--|--:|--:|"]
         for name, s in t["summary"].items():
             lines.append(f"| {name} | {s['apgr']:.3f} | {_pct(s['fraction_to_95pct_cloud'])} |")
+    chk = report.get("sdk_check")
+    if chk and chk["rows"]:
+        lines += ["", "Check of the batched evaluator against the SDK (`mode=\"route-token\"` through `EdgeClient` and "
+                  "an in-process cloud session, learned router at the 30% threshold): " + "; ".join(
+                      f"{r['task_id']}: first {r['identical_prefix']} of {r['sdk_tokens']} tokens identical"
+                      f"{'' if r['routed_same_in_prefix'] else ' (routed positions differ)'}, {r['sdk_wall_s']:.0f} s"
+                      for r in chk["rows"]) + "."]
     lines += ["", "### Targets", ""] + [f"- {x}" for x in report["targets"]]
     lines += ["", "![routing curves](routing_curves.png)", "",
               "Reproduce: `flock /tmp/tether-bigmem.lock tether bench routing` (model outputs are cached under "
@@ -356,6 +458,7 @@ def report(*, write_docs: bool = True) -> dict[str, Any]:
     if rd.pairs_path().exists():
         rep["token_agreement"] = token_routers()["agreement"]  # also (re)writes the learned token router file
         rep["token"] = token_report(rep["query"]["edge_pass"], rep["query"]["cloud_pass"], rep["query"]["problems"])
+    rep["sdk_check"] = sdk_agreement()
     rep["targets"] = targets(rep)
     labelled_jsonl(rd.CACHE.parent / "routing_train.jsonl")
     if write_docs:
@@ -380,6 +483,9 @@ def run(*, budget_s: float = 780.0, report_only: bool = False) -> dict[str, Any]
         cloud, _ = rd.load_model(DEFAULT_CLOUD_MODEL)
         if rd.collect_all(edge, cloud, tok, deadline=deadline):
             run_tokens(edge, cloud, tok, deadline=deadline)
+            if time.time() < deadline and all((n, b) in {(r["router"], r["budget"]) for r in rd.read_jsonl(TOKEN_RUNS)}
+                                              for n, b in token_configs()):
+                sdk_check(edge, cloud, tok)
     return report()
 
 
