@@ -26,6 +26,7 @@ __all__ = ["bench_app", "environment", "register", "repo_root", "update_docs_sec
 _BENCH_MODULES: tuple[str, ...] = (
     "tether.benchmarks.protocol",
     "tether.benchmarks.serve",
+    "tether.benchmarks.speculative",
 )
 
 bench_app = typer.Typer(
