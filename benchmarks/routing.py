@@ -25,36 +25,31 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from tether.benchmarks import routing_data as rd
-from tether.routing import (
-    Curve,
-    FitOptions,
-    LearnedQueryRouter,
-    LearnedTokenRouter,
-    Query,
-    SignalRouter,
-    query_curve,
-    random_curve,
-    threshold_for_cloud_fraction,
-    threshold_for_quality,
-)
+
+if TYPE_CHECKING:  # tether.routing imports torch; `tether --help` registers this module without it
+    from tether.routing import FitOptions, Query
 
 ROUTERS_DIR = rd.CACHE.parent / "routers"
 TOKEN_RUNS = rd.CACHE / "token-runs-humaneval.jsonl"
 TOKEN_BUDGETS = (0.1, 0.2, 0.3)
 PLOT = Path(__file__).resolve().parent.parent / "docs" / "routing_curves.png"
 
-QUERY_LEARNED: dict[str, tuple[tuple[str, ...], FitOptions]] = {
-    "minilm-logistic": (("embedding",), FitOptions(model="logistic", weight_decay=0.1, epochs=200)),
-    "minilm-mlp": (("embedding",), FitOptions(model="mlp", hidden=32, weight_decay=0.1, epochs=200)),
-    "edge-hidden-logistic": (("hidden_mean",), FitOptions(model="logistic", weight_decay=0.1, epochs=200)),
-    "edge-hidden+signals-mlp": (("hidden_mean", "signals"), FitOptions(model="mlp", hidden=32, weight_decay=0.1, epochs=200)),
-    "minilm+hidden+signals-logistic": (("embedding", "hidden_mean", "signals"), FitOptions(model="logistic", weight_decay=0.1, epochs=200)),
-}
+def query_learned() -> dict[str, tuple[tuple[str, ...], FitOptions]]:
+    """The learned query routers: features and classifier (weight decay is chosen by CV)."""
+    from tether.routing import FitOptions
+
+    return {
+        "minilm-logistic": (("embedding",), FitOptions(model="logistic", epochs=200)),
+        "minilm-mlp": (("embedding",), FitOptions(model="mlp", hidden=32, epochs=200)),
+        "edge-hidden-logistic": (("hidden_mean",), FitOptions(model="logistic", epochs=200)),
+        "edge-hidden+signals-mlp": (("hidden_mean", "signals"), FitOptions(model="mlp", hidden=32, epochs=200)),
+        "minilm+hidden+signals-logistic": (("embedding", "hidden_mean", "signals"), FitOptions(model="logistic", epochs=200)),
+    }
 QUERY_SIGNALS = ("prompt_logprob", "draft_mean_logprob", "draft_min_logprob", "draft_neg_entropy", "draft_mean_margin")
 
 
@@ -79,6 +74,7 @@ def embeddings(split: str) -> dict[str, np.ndarray]:
 
 def split_data(split: str) -> tuple[list[str], list[Query], np.ndarray, np.ndarray]:
     """(task ids, queries, edge pass, cloud pass) for the problems both models answered."""
+    from tether.routing import Query
     ea, ca = rd.answers("edge", split), rd.answers("cloud", split)
     probes, emb = rd.load_probes(split), embeddings(split)
     ids = [p.task_id for p in rd.problems(split) if p.task_id in ea and p.task_id in ca and p.task_id in probes]
@@ -116,6 +112,8 @@ def auc(scores: np.ndarray, y: np.ndarray) -> float:
 
 def cv_weight_decay(qs: list[Query], y: np.ndarray, feats: tuple[str, ...], opts: FitOptions, folds: int = 5) -> float:
     """The weight decay with the best 5-fold cross-validated AUC on the training tasks (never HumanEval)."""
+    from tether.routing import LearnedQueryRouter
+
     order = np.random.default_rng(0).permutation(len(qs))
     best, best_auc = opts.weight_decay, -1.0
     for wd in WEIGHT_DECAYS:
@@ -135,6 +133,9 @@ def cv_weight_decay(qs: list[Query], y: np.ndarray, feats: tuple[str, ...], opts
 
 
 def query_report() -> dict[str, Any]:
+    from tether.routing import LearnedQueryRouter, SignalRouter, query_curve, random_curve
+    from tether.routing import threshold_for_cloud_fraction, threshold_for_quality
+
     _, q_tr, e_tr, c_tr = split_data("train")
     ids, q_he, e_he, c_he = split_data("humaneval")
     y_tr = (e_tr >= c_tr).astype(np.float32)
@@ -142,7 +143,7 @@ def query_report() -> dict[str, Any]:
     routers: dict[str, Any] = {f"signal:{s}": SignalRouter(s) for s in QUERY_SIGNALS}
     ROUTERS_DIR.mkdir(parents=True, exist_ok=True)
     chosen: dict[str, float] = {}
-    for name, (feats, opts) in QUERY_LEARNED.items():
+    for name, (feats, opts) in query_learned().items():
         wd = cv_weight_decay(q_tr, y_tr, feats, opts)
         chosen[f"learned:{name}"] = wd
         r = LearnedQueryRouter.fit(q_tr, y_tr, feats, dataclasses.replace(opts, weight_decay=wd))
@@ -189,7 +190,8 @@ def query_report() -> dict[str, Any]:
 
 def token_routers() -> dict[str, Any]:
     """Token routers with thresholds for each budget, from scores on the training tasks' answers."""
-    from tether.routing import ConfidenceTokenRouter, MarginTokenRouter
+    from tether.routing import ConfidenceTokenRouter, FitOptions, LearnedTokenRouter, MarginTokenRouter
+    from tether.routing import threshold_for_cloud_fraction
 
     z = np.load(rd.pairs_path())
     hidden, signals, agree = z["hidden"].astype(np.float32), z["signals"], z["agree"]
@@ -301,6 +303,8 @@ def sdk_agreement() -> dict[str, Any] | None:
 
 
 def token_report(edge_q: float, cloud_q: float, ids: list[str]) -> dict[str, Any]:
+    from tether.routing import Curve
+
     rows_by: dict[tuple[str, float], list[dict[str, Any]]] = {}
     for r in rd.read_jsonl(TOKEN_RUNS):
         if r["task_id"] in ids:

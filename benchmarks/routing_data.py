@@ -21,11 +21,14 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tether.routing._codeeval import STOP_STRINGS, CodeProblem, humaneval_subset, training_tasks
+if TYPE_CHECKING:  # importing tether.routing pulls in torch; keep `tether --help` light
+    from tether.routing._codeeval import CodeProblem
+
+STOP_STRINGS: tuple[str, ...] = ("```", "\nif __name__", "\nprint(", "\nassert ")  # = tether.routing._codeeval.STOP_STRINGS
 
 CACHE = Path(__file__).resolve().parent / "results" / "routing_cache"
 HUMANEVAL_STRIDE = 4
@@ -35,6 +38,8 @@ PROBE_TOKENS = 16
 
 def problems(split: str) -> list[CodeProblem]:
     """``"train"``: Tether's own 71 tasks; ``"humaneval"``: HumanEval/0, /4, ... /160 (41 problems)."""
+    from tether.routing._codeeval import humaneval_subset, training_tasks
+
     if split == "train":
         return training_tasks()
     if split == "humaneval":

@@ -27,6 +27,7 @@ _BENCH_MODULES: tuple[str, ...] = (
     "tether.benchmarks.protocol",
     "tether.benchmarks.serve",
     "tether.benchmarks.speculative",
+    "tether.benchmarks.routing",
 )
 
 bench_app = typer.Typer(

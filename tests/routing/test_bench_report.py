@@ -73,3 +73,15 @@ def test_report_on_a_synthetic_cache(fake_cache: Path, tmp_path: Path) -> None:
     assert (tmp_path / "routers" / "token-learned.safetensors").exists()
     train = [json.loads(x) for x in (fake_cache.parent / "routing_train.jsonl").read_text().splitlines()]
     assert len(train) == len(rd.problems("train")) and {"text", "label", "edge_quality", "cloud_quality"} <= set(train[0])
+
+
+def test_benchmark_module_is_light_and_consistent() -> None:
+    import subprocess
+    import sys
+
+    from tether.routing._codeeval import STOP_STRINGS
+
+    assert rd.STOP_STRINGS == STOP_STRINGS
+    code = "import sys, tether.benchmarks.routing; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"  # `tether --help` registers it without importing torch
