@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import typer
+
 PROMPTS = (
     "Write a Python function that checks whether a number is prime.",
     "Write a Python function that returns the n-th Fibonacci number iteratively.",
@@ -328,8 +330,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def register(bench_app: Any) -> None:
     """Add `tether bench speculative` (options as for ``python -m tether.benchmarks.speculative``)."""
-    import typer
-
     @bench_app.command(
         "speculative",
         context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
