@@ -103,13 +103,17 @@ def generate(role: str, split: str, runtime: Any, tokenizer: Any, *, batch_size:
         print(f"[{role}/{split}] {p.task_id}: {len(ans.token_ids)} tokens, passed={res.passed} "
               f"({time.perf_counter() - t0:.0f}s)", flush=True)
 
+    last: float | None = None
     for start in range(0, len(prompts), batch_size):
-        if deadline is not None and time.time() > deadline:
+        # Start a batch only if it should end before the deadline (judged by the last one).
+        if deadline is not None and time.time() + (1.2 * last if last else 60.0) > deadline:
             return
+        t_batch = time.perf_counter()
         chunk = list(range(start, min(start + batch_size, len(prompts))))
         greedy_answers(runtime, [prompts[i] for i in chunk], max_new_tokens=MAX_NEW_TOKENS, eos_ids=eos,
                        is_done=stop_check(tokenizer), batch_size=batch_size, probe_tokens=PROBE_TOKENS,
                        on_done=lambda j, ans, chunk=chunk: on_done(chunk[j], ans))
+        last = time.perf_counter() - t_batch
 
 
 def load_probes(split: str) -> dict[str, Any]:
@@ -184,12 +188,11 @@ def load_model(name: str) -> tuple[Any, Any]:
     return TorchCausalLM(hf, name=name), tok
 
 
-def collect_all(edge: Any, cloud: Any, tok: Any, *, limit: int | None = None, batch_size: int = 16,
+def collect_all(edge: Any, cloud: Any, tok: Any, *, limit: int | None = None, batch_size: int = 12,
                 deadline: float | None = None) -> bool:
     """Every answer and the token pairs still missing; True when all are cached."""
-    for split in ("humaneval", "train"):
-        generate("edge", split, edge, tok, with_probes=True, limit=limit, batch_size=batch_size, deadline=deadline)
-    for split in ("humaneval", "train"):
+    for split in ("humaneval", "train"):  # HumanEval first: its two endpoints come before training data
+        generate("edge", split, edge, tok, with_probes=True, limit=limit, batch_size=2 * batch_size, deadline=deadline)
         generate("cloud", split, cloud, tok, limit=limit, batch_size=batch_size, deadline=deadline)
     complete = all(len(answers(r, s)) >= len(problems(s)[:limit]) for r in ("edge", "cloud") for s in ("humaneval", "train"))
     if complete and (deadline is None or time.time() < deadline):

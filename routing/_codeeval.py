@@ -6,8 +6,8 @@ sandbox. What does not: running models (`_collect.py`) or the sandbox itself.
 
 Prompt convention (the same for training tasks and HumanEval, so routers see one
 distribution): the user asks for the completed function; the assistant turn is pre-filled
-with an opening code fence and the problem's own prompt, so the model continues the
-function body. The completion ends at the closing fence (or ``if __name__``, top-level
+with an opening code fence and the problem's own prompt (signature and docstring, written
+once, to keep the prefill short), so the model continues the function body. The completion ends at the closing fence (or ``if __name__``, top-level
 ``print(`` / ``assert``), exactly as the stop strings below say.
 """
 
@@ -25,10 +25,7 @@ from tether.routing._sandbox import SandboxResult, run_python
 #: Where a completion ends (searched in the generated text only).
 STOP_STRINGS: tuple[str, ...] = ("```", "\nif __name__", "\nprint(", "\nassert ")
 
-_INSTRUCTION = (
-    "Complete the following Python function. Reply with the completed function only, "
-    "in one Python code block.\n\n```python\n{prompt}```"
-)
+_INSTRUCTION = "Complete the following Python function. Reply with the completed function only, in one Python code block."
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -49,8 +46,13 @@ class CodeProblem:
 
     @property
     def instruction(self) -> str:
-        """The user message: what a router sees as the query text."""
-        return _INSTRUCTION.format(prompt=self.prompt)
+        """The user message (the code itself follows in the pre-filled answer)."""
+        return _INSTRUCTION
+
+    @property
+    def query_text(self) -> str:
+        """What a query router reads as the request: the function's signature and docstring."""
+        return self.prompt
 
     def chat_prompt(self, tokenizer: Any) -> str:
         """The full templated prompt text: chat template, then the pre-filled answer start."""

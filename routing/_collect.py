@@ -142,6 +142,11 @@ def _forward_hidden_batch(runtime: CausalLM, states: list[Any], token_ids: list[
     # TorchCausalLM's ragged forward (what extend_batch runs), stopping before the head so the
     # hidden states come out of the same pass.
     lens = [len(t) for t in token_ids]
+    with torch.inference_mode():
+        return _ragged(runtime, fwd, states, token_ids, lens)
+
+
+def _ragged(runtime: Any, fwd: Any, states: list[Any], token_ids: list[list[int]], lens: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
     hidden = runtime.embed([t for ids in token_ids for t in ids])
     hidden = fwd([runtime._own(s) for s in states], hidden, lens, 0, runtime.info.num_layers)  # type: ignore[attr-defined]
     logits = runtime.head(hidden)
@@ -158,10 +163,47 @@ class TokenRun:
     scores: tuple[float, ...]
 
 
+@dataclass(slots=True)
+class Prefilled:
+    """Edge and cloud states holding each prompt, reused (forked) by every route-token run.
+
+    The cloud state holds ``prompt[:-1]``; the last prompt token stays pending, as in a
+    cloud session after ``append``.
+    """
+
+    prompts: list[list[int]]
+    edge_states: list[Any]
+    edge_logits: list[torch.Tensor]
+    edge_hidden: list[torch.Tensor | None]
+    cloud_states: list[Any]
+
+    def release(self, edge: CausalLM, cloud: CausalLM) -> None:
+        for s in self.edge_states:
+            edge.release(s)
+        for s in self.cloud_states:
+            cloud.release(s)
+
+
+def prefill_pair(edge: CausalLM, cloud: CausalLM, prompts: Sequence[Sequence[int]], *, batch_size: int = 8) -> Prefilled:
+    """Prefill every prompt on both models (in ragged batches)."""
+    pre = Prefilled([list(p) for p in prompts], [], [], [], [])
+    for i in range(0, len(prompts), batch_size):
+        chunk = pre.prompts[i : i + batch_size]
+        es = [edge.new_state() for _ in chunk]
+        logits, hidden = _forward_hidden_batch(edge, es, chunk)
+        cs = [cloud.new_state() for _ in chunk]
+        cloud.extend_batch(cs, [p[:-1] for p in chunk])
+        pre.edge_states += es
+        pre.edge_logits += [lg[-1] for lg in logits]
+        pre.edge_hidden += [None if h is None else h[-1] for h in hidden]
+        pre.cloud_states += cs
+    return pre
+
+
 def route_tokens_batch(
     edge: CausalLM,
     cloud: CausalLM,
-    prompts: Sequence[Sequence[int]],
+    prompts: Sequence[Sequence[int]] | Prefilled,
     score: Callable[[torch.Tensor, torch.Tensor | None], float],
     threshold: float,
     *,
@@ -175,19 +217,20 @@ def route_tokens_batch(
     the token is the cloud's argmax after the committed prefix (the cloud runs its pending
     tokens in one ragged forward, as the session's ``score`` does), else the edge's argmax.
     Used by the benchmark to sweep thresholds at batch throughput; `RouteTokenStrategy` is
-    the same rule over the cloud session API, one sequence at a time.
+    the same rule over the cloud session API, one sequence at a time. `prompts` may be a
+    `Prefilled` (its states are forked, not consumed).
     """
     eos = set(eos_ids)
-    n = len(prompts)
-    es = [edge.new_state() for _ in range(n)]
-    cs = [cloud.new_state() for _ in range(n)]
-    logits, hidden = _forward_hidden_batch(edge, es, [list(p) for p in prompts])
-    nxt = [lg[-1] for lg in logits]
-    hid = [None if h is None else h[-1] for h in hidden]
+    pre = prompts if isinstance(prompts, Prefilled) else prefill_pair(edge, cloud, prompts)
+    n = len(pre.prompts)
+    es = [edge.fork(s) for s in pre.edge_states]
+    cs = [cloud.fork(s) for s in pre.cloud_states]
+    nxt = list(pre.edge_logits)
+    hid = list(pre.edge_hidden)
     out: list[list[int]] = [[] for _ in range(n)]
     routed: list[list[int]] = [[] for _ in range(n)]
     scores: list[list[float]] = [[] for _ in range(n)]
-    pending: list[list[int]] = [list(p) for p in prompts]  # committed tokens the cloud has not run
+    pending: list[list[int]] = [[p[-1]] for p in pre.prompts]  # committed tokens the cloud has not run
     active = list(range(n))
     while active:
         to_cloud = []
@@ -223,4 +266,6 @@ def route_tokens_batch(
         edge.release(s)
     for s in cs:
         cloud.release(s)
+    if not isinstance(prompts, Prefilled):
+        pre.release(edge, cloud)
     return [TokenRun(token_ids=tuple(out[i]), routed=tuple(routed[i]), scores=tuple(scores[i])) for i in range(n)]

@@ -149,3 +149,25 @@ async def test_route_query_sampling_and_random_router(edge_model, cloud_manager)
     assert r.token_ids == again.token_ids and r.stats.route == "edge"  # type: ignore[attr-defined]
     with pytest.raises(ConfigurationError, match="needs a query router"):
         RoutingOptions(query_router=ConfidenceTokenRouter()).resolve_query()
+
+
+def test_batched_route_token_evaluator_follows_the_same_rule(tiny_cloud_hf, tiny_edge_hf) -> None:  # type: ignore[no-untyped-def]
+    """The benchmark's batched evaluator: cloud's argmax at routed positions, edge's elsewhere."""
+    from tether.routing._collect import prefill_pair, route_tokens_batch
+    from tether.runtime import TorchCausalLM
+
+    edge, cloud = TorchCausalLM(tiny_edge_hf), TorchCausalLM(tiny_cloud_hf)
+    router = ConfidenceTokenRouter()
+    prompts = [[1000 + i, 1005, 1010 + i] for i in range(4)]
+    pre = prefill_pair(edge, cloud, prompts, batch_size=3)
+    runs = route_tokens_batch(edge, cloud, pre, router.score_token, 0.2, max_new_tokens=10, eos_ids=[151_645])
+    again = route_tokens_batch(edge, cloud, pre, router.score_token, 0.2, max_new_tokens=10, eos_ids=[151_645])
+    assert [r.token_ids for r in runs] == [r.token_ids for r in again]  # the prefilled states were forked, not used up
+    n_routed = sum(len(r.routed) for r in runs)
+    assert 0 < n_routed < sum(len(r.token_ids) for r in runs)
+    for p, run in zip(prompts, runs):
+        assert list(run.routed) == [i for i, s in enumerate(run.scores) if s < 0.2]
+        for i, tok in enumerate(run.token_ids):
+            model = tiny_cloud_hf if i in run.routed else tiny_edge_hf
+            assert tok == greedy_next(model, p + list(run.token_ids[:i]))
+    pre.release(edge, cloud)
