@@ -60,9 +60,10 @@ __all__ = [
 
 _INT = (DType.INT32, DType.INT64)
 _F32 = (DType.FLOAT32,)
-_HIDDEN = (DType.FLOAT32, DType.FLOAT16, DType.BFLOAT16, DType.INT8_ROWWISE)
+_HIDDEN = (DType.FLOAT32, DType.FLOAT16, DType.BFLOAT16, DType.INT8_ROWWISE, DType.INT4_GROUPED)
 FINISH_REASONS = ("stop", "length", "cancelled")
-COMPRESSIONS = {"none": DType.FLOAT32, "fp16": DType.FLOAT16, "bf16": DType.BFLOAT16, "int8": DType.INT8_ROWWISE}
+COMPRESSIONS = {"none": DType.FLOAT32, "fp16": DType.FLOAT16, "bf16": DType.BFLOAT16, "int8": DType.INT8_ROWWISE,
+                "int4": DType.INT4_GROUPED}
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 MAX_SESSION_ID = 128
 MAX_TOP_K = 1024
@@ -474,7 +475,8 @@ class ContinueHidden(Message):
     """Split computing: hidden states after the edge ran layers [0, layer) for n new tokens.
 
     hidden: (n, hidden_size); its dtype must match `compression` ("none" float32, "fp16",
-    "bf16", "int8" = INT8_ROWWISE). `tokens` (n,) names the tokens they belong to.
+    "bf16", "int8" = INT8_ROWWISE, "int4" = INT4_GROUPED). `tokens` (n,) names the tokens
+    they belong to (split-mode clients leave it out: the point is not to send token ids).
     """
 
     REPLY = HiddenResult

@@ -31,7 +31,7 @@ from tether.protocol._errors import (
     UsageError,
     VersionMismatch,
 )
-from tether.protocol._frames import FLAG_END, EncodedFrame, encode_frame
+from tether.protocol._frames import FLAG_END, EncodedFrame, Frame, encode_frame
 from tether.protocol._handshake import Flow, HandshakeResult, client_handshake, server_handshake
 from tether.protocol._keys import Allowlist, KeyPair, PublicKey
 from tether.protocol._limits import Limits, RekeyPolicy
@@ -47,7 +47,7 @@ from tether.protocol._messages import (
     Pong,
     Welcome,
 )
-from tether.protocol._transport import Transport
+from tether.protocol._transport import PreparedRecord, Transport
 
 __all__ = [
     "CancelReceived",
@@ -260,27 +260,37 @@ class _ProtocolBase:
     def _handshake_done(self, result: HandshakeResult) -> None:
         raise NotImplementedError
 
-    def decrypt_record(self, data: bytes | bytearray | memoryview) -> Any:
-        """First half of `receive_data` after the handshake: check and decrypt one record.
+    def prepare_record(self, data: bytes | bytearray | memoryview) -> PreparedRecord:
+        """Pipelined receiving, step 1 (in arrival order): check a record's header.
 
-        Touches only the receiving cipher, so an adapter may run it in a worker thread (one
-        record at a time, in order), then pass the result to `receive_plaintext`.
+        Adapters that decrypt large records in worker threads call `prepare_record` for each
+        record as it arrives, `decrypt_prepared` anywhere (thread-safe), then
+        `receive_prepared` in arrival order. `receive_data` does all three at once.
 
         Raises:
-            FrameTruncated, FrameReplayed, FrameReordered, FrameTampered, FrameTooLarge,
-            ProtocolError: the caller must then call `fail(exc)`.
+            FrameTruncated, FrameReplayed, FrameReordered, FrameTooLarge, ProtocolError:
+            the state is CLOSED afterwards.
         """
         if self.state is State.HANDSHAKE or self.transport is None:
-            raise UsageError("decrypt_record before the handshake is complete")
-        return self.transport.decrypt(data)
+            raise UsageError("prepare_record before the handshake is complete")
+        try:
+            return self.transport.prepare(data)
+        except ChannelError as exc:
+            self._fail(exc)
+            raise
 
-    def receive_plaintext(self, plaintext: Any) -> list[Event]:
-        """Second half of `receive_data`: decode a decrypted record and update the state."""
+    @staticmethod
+    def decrypt_prepared(prepared: PreparedRecord) -> Any:
+        """Step 2 (any thread): decrypt; failures are returned, not raised."""
+        return Transport.decrypt_prepared(prepared)
+
+    def receive_prepared(self, prepared: PreparedRecord, outcome: Any) -> list[Event]:
+        """Step 3 (arrival order): decode and update the state; returns the events."""
         if self.state is State.CLOSED:
             return []
         try:
             assert self.transport is not None
-            self._receive_frame_plaintext(plaintext)
+            self._receive_decoded(self.transport.finish(prepared, outcome))
         except ChannelError as exc:
             self._fail(exc)
             raise
@@ -293,11 +303,9 @@ class _ProtocolBase:
 
     def _receive_record(self, data: bytes | bytearray | memoryview) -> None:
         assert self.transport is not None
-        self._receive_frame_plaintext(self.transport.decrypt(data))
+        self._receive_decoded(self.transport.open(data))
 
-    def _receive_frame_plaintext(self, plaintext: Any) -> None:
-        assert self.transport is not None
-        frame = self.transport.decode(plaintext)
+    def _receive_decoded(self, frame: Frame | None) -> None:
         self._last_received = self.clock()
         self._ping_sent_at = None  # any authentic record proves the peer is alive
         if frame is None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from tether.protocol._errors import InvalidMessage
+from tether.protocol._errors import BadTensor, InvalidMessage
 
 __all__ = ["DType", "Tensor", "bfloat16_to_float32", "float32_to_bfloat16"]
 
@@ -28,6 +28,10 @@ class DType(IntEnum):
     INT8_ROWWISE = 4  # int8 values with one float32 scale per row (last axis = row)
     INT32 = 5
     INT64 = 6
+    # int4 in groups of INT4_GROUP values along the last axis, one float16 scale per group:
+    # value = (nibble - 8) * scale, nibble in [1, 15]; two values per byte, low nibble first.
+    # The last axis must be a multiple of INT4_GROUP (checked before anything is allocated).
+    INT4_GROUPED = 7
 
 
 # Storage dtype of each wire dtype's values (always little-endian on the wire).
@@ -38,6 +42,7 @@ STORAGE: dict[DType, np.dtype[Any]] = {
     DType.INT8_ROWWISE: np.dtype("i1"),
     DType.INT32: np.dtype("<i4"),
     DType.INT64: np.dtype("<i8"),
+    DType.INT4_GROUPED: np.dtype("u1"),  # packed nibbles: the stored last axis is half the logical one
 }
 _FROM_NUMPY = {
     np.dtype(np.float32): DType.FLOAT32,
@@ -46,11 +51,34 @@ _FROM_NUMPY = {
     np.dtype(np.int64): DType.INT64,
 }
 SCALE_DTYPE = np.dtype("<f4")
+INT4_GROUP = 32  # values per float16 scale in INT4_GROUPED (the GGUF Q4_0 block size)
+INT4_SCALE_DTYPE = np.dtype("<f2")
+
+
+def check_int4_shape(shape: tuple[int, ...]) -> None:
+    """Raise `BadTensor` unless `shape` can be INT4_GROUPED: >= 1 axis, last a multiple of 32.
+
+    Decoding calls this (through `wire_nbytes`) on the declared shape, before reading or
+    allocating anything.
+    """
+    if not shape:
+        raise BadTensor("an INT4_GROUPED tensor needs at least one axis")
+    if shape[-1] % INT4_GROUP:
+        raise BadTensor(
+            f"the last axis of an INT4_GROUPED tensor must be a multiple of {INT4_GROUP}, got shape {shape}"
+        )
 
 
 def wire_nbytes(dtype: DType, shape: tuple[int, ...]) -> int:
-    """Bytes a tensor of `dtype` and `shape` occupies on the wire (scales included)."""
+    """Bytes a tensor of `dtype` and `shape` occupies on the wire (scales included).
+
+    Raises:
+        BadTensor: an INT4_GROUPED shape with no axis or a last axis not a multiple of 32.
+    """
     elements = math.prod(shape)
+    if dtype is DType.INT4_GROUPED:
+        check_int4_shape(shape)
+        return elements // 2 + (elements // INT4_GROUP) * INT4_SCALE_DTYPE.itemsize
     nbytes = elements * STORAGE[dtype].itemsize
     if dtype is DType.INT8_ROWWISE:
         nbytes += rows_of(shape) * SCALE_DTYPE.itemsize
@@ -82,14 +110,17 @@ def bfloat16_to_float32(bits: np.ndarray) -> np.ndarray:
 class Tensor:
     """An array in one of the wire dtypes.
 
-    Build with `Tensor.from_numpy(a)` (float32, float16, int32, int64), `Tensor.bfloat16(a)`
-    or `Tensor.int8_rowwise(a)`; read with `.numpy()` (float32 for bfloat16 and int8).
+    Build with `Tensor.from_numpy(a)` (float32, float16, int32, int64), `Tensor.bfloat16(a)`,
+    `Tensor.int8_rowwise(a)` or `Tensor.int4_grouped(a)`; read with `.numpy()` (float32 for
+    bfloat16, int8 and int4).
 
     Attributes:
         dtype: the wire dtype.
         data: the stored values, shape = the tensor's shape: float32/float16/int32/int64
-            arrays as they are, uint16 bit patterns for BFLOAT16, int8 for INT8_ROWWISE.
-        scales: INT8_ROWWISE only: float32 of shape `shape[:-1]`, value = data * scale.
+            arrays as they are, uint16 bit patterns for BFLOAT16, int8 for INT8_ROWWISE;
+            for INT4_GROUPED, uint8 of shape `shape[:-1] + (shape[-1] // 2,)` (packed nibbles).
+        scales: INT8_ROWWISE: float32 of shape `shape[:-1]`, value = data * scale.
+            INT4_GROUPED: float16 of shape `shape[:-1] + (shape[-1] // 32,)`, one per group.
 
     Decoded tensors are views into the received frame (zero copy); copy before keeping
     them past the message's lifetime if the frame buffer must be released early.
@@ -117,11 +148,23 @@ class Tensor:
                     f"INT8_ROWWISE scales must be float32 of shape {self.data.shape[:-1]}, "
                     f"got {self.scales.dtype} {self.scales.shape}"
                 )
+        elif dtype is DType.INT4_GROUPED:
+            if self.data.ndim < 1 or (2 * self.data.shape[-1]) % INT4_GROUP:
+                raise InvalidMessage(
+                    f"INT4_GROUPED data must have a last axis of a multiple of {INT4_GROUP // 2} packed bytes, "
+                    f"got shape {self.data.shape}"
+                )
+            groups = self.data.shape[:-1] + (2 * self.data.shape[-1] // INT4_GROUP,)
+            if not isinstance(self.scales, np.ndarray) or self.scales.dtype != np.float16 or self.scales.shape != groups:
+                raise InvalidMessage(f"INT4_GROUPED scales must be float16 of shape {groups}")
         elif self.scales is not None:
-            raise InvalidMessage(f"only INT8_ROWWISE tensors have scales, not {dtype.name}")
+            raise InvalidMessage(f"only INT8_ROWWISE and INT4_GROUPED tensors have scales, not {dtype.name}")
 
     @property
     def shape(self) -> tuple[int, ...]:
+        """The logical shape (for INT4_GROUPED, twice the packed last axis)."""
+        if self.dtype is DType.INT4_GROUPED:
+            return tuple(self.data.shape[:-1]) + (2 * self.data.shape[-1],)
         return tuple(self.data.shape)
 
     @property
@@ -156,13 +199,42 @@ class Tensor:
         quantized = np.clip(np.rint(values / scales[..., None]), -127, 127).astype(np.int8)
         return cls(DType.INT8_ROWWISE, quantized, np.asarray(scales, dtype=np.float32).reshape(values.shape[:-1]))
 
+    @classmethod
+    def int4_grouped(cls, array: np.ndarray) -> Tensor:
+        """Symmetric int4 per group of 32 along the last axis: scale = max|group| / 7 (float16).
+
+        The last axis must be a multiple of 32. Groups whose peak is 0 get scale 1; a
+        scale that would overflow float16 is clipped to its largest finite value.
+        """
+        values = np.asarray(array, dtype=np.float32)
+        if values.ndim < 1 or values.shape[-1] % INT4_GROUP:
+            raise InvalidMessage(
+                f"int4_grouped needs a last axis that is a multiple of {INT4_GROUP}, got shape {values.shape}"
+            )
+        grouped = values.reshape(values.shape[:-1] + (values.shape[-1] // INT4_GROUP, INT4_GROUP))
+        peak = np.max(np.abs(grouped), axis=-1)
+        scales = np.where(peak > 0, peak / 7.0, 1.0)
+        scales = np.minimum(scales, np.finfo(np.float16).max).astype(np.float16)
+        quantized = np.clip(np.rint(grouped / scales.astype(np.float32)[..., None]), -7, 7).astype(np.int16) + 8
+        flat = quantized.reshape(values.shape).astype(np.uint8)
+        packed = (flat[..., 0::2] | (flat[..., 1::2] << 4)).astype(np.uint8)
+        return cls(DType.INT4_GROUPED, packed, scales)
+
     def numpy(self) -> np.ndarray:
-        """The values as numpy: native arrays as they are; BFLOAT16 and INT8_ROWWISE as float32."""
+        """The values as numpy: native arrays as they are; BFLOAT16, INT8_ROWWISE, INT4_GROUPED as float32."""
         if self.dtype is DType.BFLOAT16:
             return bfloat16_to_float32(self.data)
         if self.dtype is DType.INT8_ROWWISE:
             assert self.scales is not None
             return self.data.astype(np.float32) * self.scales[..., None]
+        if self.dtype is DType.INT4_GROUPED:
+            assert self.scales is not None
+            shape = self.shape
+            nibbles = np.empty(shape, dtype=np.int8)
+            nibbles[..., 0::2] = self.data & 0x0F
+            nibbles[..., 1::2] = self.data >> 4
+            grouped = (nibbles - 8).astype(np.float32).reshape(self.scales.shape + (INT4_GROUP,))
+            return (grouped * self.scales.astype(np.float32)[..., None]).reshape(shape)
         return self.data
 
     def to_torch(self) -> Any:
@@ -174,10 +246,10 @@ class Tensor:
         return torch.from_numpy(np.array(self.numpy(), copy=True))
 
     def buffers(self) -> list[memoryview]:
-        """The wire byte buffers in order (scales first for INT8_ROWWISE), contiguous, little-endian."""
+        """The wire byte buffers in order (scales first for INT8_ROWWISE and INT4_GROUPED), contiguous, little-endian."""
         out = []
         if self.scales is not None:
-            out.append(_le_bytes(self.scales, SCALE_DTYPE))
+            out.append(_le_bytes(self.scales, INT4_SCALE_DTYPE if self.dtype is DType.INT4_GROUPED else SCALE_DTYPE))
         out.append(_le_bytes(self.data, STORAGE[self.dtype]))
         return out
 
@@ -208,6 +280,12 @@ def decode_tensor(
     """A zero-copy Tensor over `buffer[offset:]`; the caller has checked every size already."""
     elements = math.prod(shape)
     scales = None
+    if dtype is DType.INT4_GROUPED:
+        groups = shape[:-1] + (shape[-1] // INT4_GROUP,)
+        group_scales = np.frombuffer(buffer, dtype=INT4_SCALE_DTYPE, count=elements // INT4_GROUP, offset=offset)
+        offset += group_scales.nbytes
+        packed = np.frombuffer(buffer, dtype=STORAGE[dtype], count=elements // 2, offset=offset)
+        return Tensor(dtype, packed.reshape(shape[:-1] + (shape[-1] // 2,)), group_scales.reshape(groups))
     if dtype is DType.INT8_ROWWISE:
         rows = rows_of(shape)
         scales = np.frombuffer(buffer, dtype=SCALE_DTYPE, count=rows, offset=offset).reshape(shape[:-1])

@@ -14,10 +14,12 @@ Encryption uses empty associated data, exactly Noise's transport messages.
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from tether.protocol._cipher import TAG_LEN, CipherState, InvalidTag
+from tether.protocol._cipher import MAX_NONCE, TAG_LEN, CipherState, InvalidTag
 from tether.protocol._errors import (
     FrameReordered,
     FrameReplayed,
@@ -30,11 +32,21 @@ from tether.protocol._frames import HEADER, EncodedFrame, Frame, decode_frame, e
 from tether.protocol._limits import Limits, RekeyPolicy
 from tether.protocol._messages import Rekey
 
-__all__ = ["RECORD_HEADER", "RECORD_OVERHEAD", "Transport"]
+__all__ = ["RECORD_HEADER", "RECORD_OVERHEAD", "PreparedRecord", "Transport"]
 
 RECORD_HEADER = struct.Struct("<QI")
 RECORD_OVERHEAD = RECORD_HEADER.size + TAG_LEN  # 28 bytes around each frame
 MIN_CIPHERTEXT = HEADER.size + TAG_LEN
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedRecord:
+    """A record whose header passed the checks: its counter (nonce), ciphertext and the key
+    (AEAD object) current when it was prepared."""
+
+    counter: int
+    ciphertext: memoryview
+    aead: Any
 
 
 class Transport:
@@ -58,6 +70,7 @@ class Transport:
         self.rekeys_received = 0
         self.records_sent = 0
         self.records_received = 0
+        self._receive_next = receive.n  # next counter to prepare (may run ahead of finish)
 
     @property
     def send_counter(self) -> int:
@@ -105,13 +118,14 @@ class Transport:
             and the frame decoding errors of `decode_frame`. After any of them the
             connection must be closed: the receive state is no longer trustworthy.
         """
-        return self.decode(self.decrypt(record))
+        prepared = self.prepare(record)
+        return self.finish(prepared, self.decrypt_prepared(prepared))
 
-    def decrypt(self, record: bytes | bytearray | memoryview) -> np.ndarray:
-        """Check a record's header against the expected counter and limits, then decrypt it.
+    def prepare(self, record: bytes | bytearray | memoryview) -> PreparedRecord:
+        """Check a record's header (limits, counter, length) and reserve its nonce.
 
-        Returns the plaintext frame (a fresh uint8 buffer that decoded tensors will view).
-        Touches only the receiving cipher state.
+        Records must be prepared in arrival order; they may then be decrypted in parallel
+        (`decrypt_prepared`, thread-safe) and must be finished in the same order (`finish`).
         """
         view = memoryview(record)
         size = len(view)
@@ -120,7 +134,7 @@ class Transport:
         counter, length = RECORD_HEADER.unpack_from(view, 0)
         if length > self.limits.max_frame_bytes + TAG_LEN:
             raise FrameTooLarge(length - TAG_LEN, self.limits.max_frame_bytes)
-        expected = self._receive.n
+        expected = self._receive_next
         if counter < expected:
             raise FrameReplayed(counter, expected)
         if counter > expected:
@@ -132,17 +146,37 @@ class Transport:
             raise ProtocolError(f"record of {size} bytes is longer than its declared {RECORD_HEADER.size + length}")
         if length < MIN_CIPHERTEXT:
             raise ProtocolError(f"record declares {length} bytes, less than the minimum {MIN_CIPHERTEXT}")
-        plaintext = np.empty(length - TAG_LEN, dtype=np.uint8)  # no zero fill: fully overwritten
+        if counter >= MAX_NONCE:
+            raise ProtocolError("record counter exhausted the nonce space")
+        self._receive_next = counter + 1
+        aead = self._receive.aead
+        assert aead is not None
+        return PreparedRecord(counter, view[RECORD_HEADER.size :], aead)
+
+    @staticmethod
+    def decrypt_prepared(prepared: PreparedRecord) -> np.ndarray | FrameTampered:
+        """Decrypt a prepared record with the key it was prepared under (thread-safe).
+
+        Returns the plaintext (a fresh buffer decoded tensors will view), or the
+        FrameTampered error instead of raising it: `finish` decides, since a record that
+        follows a Rekey still in flight was prepared under the old key.
+        """
+        plaintext = np.empty(len(prepared.ciphertext) - TAG_LEN, dtype=np.uint8)  # fully overwritten
         try:
-            self._receive.decrypt_into(view[RECORD_HEADER.size :], plaintext)
-        except InvalidTag as exc:
-            raise FrameTampered(f"record {counter} failed authentication") from exc
-        self.records_received += 1
+            CipherState.decrypt_at(prepared.aead, prepared.counter, prepared.ciphertext, plaintext)
+        except InvalidTag:
+            return FrameTampered(f"record {prepared.counter} failed authentication")
         return plaintext
 
-    def decode(self, plaintext: np.ndarray) -> Frame | None:
-        """Decode a decrypted record; a Rekey frame rekeys the receiving cipher and gives None."""
-        frame = decode_frame(plaintext, self.limits)
+    def finish(self, prepared: PreparedRecord, outcome: np.ndarray | FrameTampered) -> Frame | None:
+        """Decode a decrypted record, in order. Returns None for a Rekey (handled here)."""
+        if prepared.aead is not self._receive.aead:
+            outcome = self.decrypt_prepared(PreparedRecord(prepared.counter, prepared.ciphertext, self._receive.aead))
+        if isinstance(outcome, FrameTampered):
+            raise outcome
+        self._receive.n = prepared.counter + 1
+        self.records_received += 1
+        frame = decode_frame(outcome, self.limits)
         if isinstance(frame.message, Rekey):
             if frame.request_id or frame.flags:
                 raise ProtocolError("Rekey frames carry no request id or flags")

@@ -56,7 +56,7 @@ from tether.protocol._session import (
     State,
     _refusal,
 )
-from tether.protocol._transport import RECORD_OVERHEAD
+from tether.protocol._transport import RECORD_OVERHEAD, Transport
 
 __all__ = ["Connection", "ReplyStream", "Request", "RequestFailed", "Server", "ServerConnection", "connect", "serve"]
 
@@ -109,6 +109,7 @@ def _close_info(exc: ConnectionClosed) -> tuple[int, str]:
 
 
 _OFFLOAD_BYTES = 256 * 1024  # records at least this large are encrypted/decrypted off the loop
+_PIPELINE_DEPTH = 8  # received records checked and being decrypted ahead of the consumer
 _POOL: concurrent.futures.ThreadPoolExecutor | None = None
 
 
@@ -137,10 +138,13 @@ class _Driver:
         self.protocol = protocol
         self.describe = describe
         self._out_shaper, self._in_shaper = shapers
-        self._send_lock = asyncio.Lock()
+        self._sender_task: asyncio.Task[None] | None = None
+        self._kick = asyncio.Event()
+        self._flush_waiters: list[asyncio.Future[None]] = []
         self._out_queue: asyncio.Queue[tuple[float, bytes | bytearray] | None] | None = None
         self._out_task: asyncio.Task[None] | None = None
         self._in_queue: asyncio.Queue[tuple[float, bytes] | None] | None = None
+        self._pipeline: asyncio.Queue[Any] = asyncio.Queue()
         self._tasks: set[asyncio.Task[None]] = set()
         self._lost_exc: ConnectionClosed | None = None
         self.on_events: Callable[[list[Any]], None] = lambda events: None
@@ -158,14 +162,44 @@ class _Driver:
     # ---- sending
 
     async def flush(self) -> None:
-        """Seal and send everything the protocol queued, in order.
+        """Wait until everything the protocol has queued so far is sealed and sent.
 
-        Large frames are sealed in a worker thread (`cryptography` releases the GIL), and
-        the next frame is sealed while the previous record is being written, so encryption
-        overlaps the websocket's own work. Sealing stays sequential per connection (nonces).
+        The work is done by one sender task per connection, so a caller cancelled while
+        waiting never leaves a sealed record unsent (which would break the counter order).
+
+        Raises:
+            ConnectionClosed: the websocket closed before the data was sent.
         """
-        async with self._send_lock:
-            loop = asyncio.get_running_loop()
+        if self.closed.is_set() or (self._sender_task is not None and self._sender_task.done()):
+            return  # the connection is over: callers learn it from their own waiters
+        if self._sender_task is None:
+            self._sender_task = asyncio.get_running_loop().create_task(self._sender())
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._flush_waiters.append(waiter)
+        self._kick.set()
+        await waiter
+
+    def flush_soon(self) -> None:
+        """Start sending what is queued without waiting (for callers that must not await)."""
+        if self.closed.is_set():
+            return
+        if self._sender_task is None:
+            self._sender_task = asyncio.get_running_loop().create_task(self._sender())
+        self._kick.set()
+
+    async def _sender(self) -> None:
+        """Seal and send queued output in order, forever (cancelled when the connection ends).
+
+        Large frames are sealed in a worker thread (`cryptography` releases the GIL), and the
+        next frame is sealed while the previous record is being written, so encryption
+        overlaps the websocket's own work. Sealing stays sequential (nonce order).
+        """
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._kick.wait()
+            self._kick.clear()
+            waiters, self._flush_waiters = self._flush_waiters, []
+            error: BaseException | None = None
             sending: asyncio.Future[None] | None = None
             try:
                 for item in self.protocol.pending_output():
@@ -180,10 +214,21 @@ class _Driver:
                     sending = asyncio.ensure_future(self._send_records(records))
                 if sending is not None:
                     await sending
-                    sending = None
-            finally:
-                if sending is not None and not sending.done():
+            except ConnectionClosed as exc:
+                error = exc
+            except asyncio.CancelledError:
+                if sending is not None:
                     sending.cancel()
+                for waiter in waiters + self._flush_waiters:
+                    if not waiter.done():
+                        waiter.cancel()
+                raise
+            for waiter in waiters:
+                if not waiter.done():
+                    if error is None:
+                        waiter.set_result(None)
+                    else:
+                        waiter.set_exception(error)
 
     async def _send_records(self, records: list[Any]) -> None:
         for record in records:
@@ -197,14 +242,6 @@ class _Driver:
             self._out_queue = asyncio.Queue()
             self._out_task = asyncio.get_running_loop().create_task(self._out_pump())
         self._out_queue.put_nowait((self._out_shaper.schedule(len(record), time.monotonic()), record))
-
-    def flush_soon(self) -> None:
-        """Flush from a background task (for callers that must not await)."""
-        self._spawn(self._flush_quietly())
-
-    async def _flush_quietly(self) -> None:
-        with contextlib.suppress(ConnectionClosed):
-            await self.flush()
 
     async def _out_pump(self) -> None:
         assert self._out_queue is not None
@@ -239,11 +276,19 @@ class _Driver:
         return data
 
     def start(self) -> None:
-        """Start the background reader and timer once the handshake is done."""
+        """Start the background reader, the in-order consumer and the timer (after the handshake).
+
+        Receiving is a pipeline: the reader checks each record's header as it arrives and
+        starts decrypting large ones in a worker thread; the consumer finishes records in
+        arrival order. Several large records are decrypted at once while the event loop
+        keeps reading.
+        """
+        self._pipeline = asyncio.Queue(maxsize=_PIPELINE_DEPTH)
         if self._in_shaper is not None:
             self._in_queue = asyncio.Queue()
             self._spawn(self._deliver())
         self._spawn(self._reader())
+        self._spawn(self._consumer())
         self._spawn(self._timer())
 
     async def _reader(self) -> None:
@@ -256,14 +301,14 @@ class _Driver:
                 if self._in_queue is not None:
                     assert self._in_shaper is not None
                     self._in_queue.put_nowait((self._in_shaper.schedule(len(data), time.monotonic()), data))
-                elif not await self.process(data):
+                elif not await self._ingest(data):
                     return
         except ConnectionClosed as exc:
             self._lost_exc = exc
             if self._in_queue is not None:
-                self._in_queue.put_nowait(None)  # the deliverer finishes after queued messages
+                self._in_queue.put_nowait(None)  # the deliverer forwards the end after queued messages
             else:
-                self._lost()
+                await self._pipeline.put(None)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug here must not take the server down
@@ -271,49 +316,65 @@ class _Driver:
             await self.abort(ChannelError(f"internal error: {type(exc).__name__}"), code=CloseCode.INTERNAL_ERROR)
 
     async def _deliver(self) -> None:
+        """Emulated downlink: hand records on at their arrival time."""
         assert self._in_queue is not None
         while True:
             item = await self._in_queue.get()
             if item is None:
-                self._lost()
+                await self._pipeline.put(None)
                 return
             at, data = item
             delay = at - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
-            if not await self.process(data):
+            if not await self._ingest(data):
                 return
 
-    async def process(self, data: bytes) -> bool:
-        """Feed one record; returns False once the connection is finished."""
-        protocol = self.protocol
+    async def _ingest(self, data: bytes) -> bool:
+        """Check a record's header now and start decrypting it; the consumer finishes it."""
         try:
-            if len(data) >= _OFFLOAD_BYTES and protocol.state is not State.HANDSHAKE:
-                loop = asyncio.get_running_loop()
-                try:
-                    plaintext = await loop.run_in_executor(_crypto_pool(), protocol.decrypt_record, data)
-                except ChannelError as exc:
-                    protocol.fail(exc)
-                    raise
-                events = protocol.receive_plaintext(plaintext)
-            else:
-                events = protocol.receive_data(data)
+            prepared = self.protocol.prepare_record(data)
         except ChannelError as exc:
             await self.abort(exc, already_failed=True)
             return False
-        if events:
-            self.on_events(events)
-        if self.protocol.has_data_to_send():
-            with contextlib.suppress(ConnectionClosed):
-                await self.flush()
-        if self.protocol.state is State.CLOSED:
-            # The peer said Goodbye: echo its code on the websocket and finish.
-            code = self.protocol.close_code or int(CloseCode.NORMAL)
-            with contextlib.suppress(Exception):
-                await self.ws.close(code, _code_name(code))
-            self._finish(self.protocol.connection_lost(code, _code_name(code)), code)
-            return False
+        future: asyncio.Future[Any] | None = None
+        if len(data) >= _OFFLOAD_BYTES:
+            future = asyncio.get_running_loop().run_in_executor(_crypto_pool(), Transport.decrypt_prepared, prepared)
+        await self._pipeline.put((prepared, future))
         return True
+
+    async def _consumer(self) -> None:
+        protocol = self.protocol
+        try:
+            while True:
+                item = await self._pipeline.get()
+                if item is None:
+                    self._lost()
+                    return
+                prepared, future = item
+                outcome = await future if future is not None else Transport.decrypt_prepared(prepared)
+                try:
+                    events = protocol.receive_prepared(prepared, outcome)
+                except ChannelError as exc:
+                    await self.abort(exc, already_failed=True)
+                    return
+                if events:
+                    self.on_events(events)
+                if protocol.has_data_to_send():
+                    with contextlib.suppress(ConnectionClosed):
+                        await self.flush()
+                if protocol.state is State.CLOSED:
+                    # The peer said Goodbye: echo its code on the websocket and finish.
+                    code = protocol.close_code or int(CloseCode.NORMAL)
+                    self._finish(protocol.connection_lost(code, _code_name(code)), code)
+                    with contextlib.suppress(Exception):
+                        await self.ws.close(code, _code_name(code))
+                    return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("%s: consumer failed", self.describe)
+            await self.abort(ChannelError(f"internal error: {type(exc).__name__}"), code=CloseCode.INTERNAL_ERROR)
 
     async def _timer(self) -> None:
         protocol = self.protocol
@@ -374,6 +435,8 @@ class _Driver:
                 task.cancel()
         if self._out_task is not None and self._out_task is not current and not self._out_task.done():
             self._out_task.cancel()
+        if self._sender_task is not None and self._sender_task is not current and not self._sender_task.done():
+            self._sender_task.cancel()
 
     async def wait_closed(self) -> None:
         await self.closed.wait()
