@@ -101,6 +101,21 @@ def labelled_jsonl(path: Path) -> Path:
 WEIGHT_DECAYS = (0.01, 0.1, 1.0, 10.0)
 
 
+def bootstrap_apgr(scores: np.ndarray, e: np.ndarray, c: np.ndarray, n: int = 1000) -> tuple[float, float]:
+    """95% percentile interval of a query router's APGR, resampling the evaluation problems."""
+    from tether.routing import query_curve
+
+    rng = np.random.default_rng(0)
+    vals = []
+    for _ in range(n):
+        idx = rng.integers(0, len(scores), len(scores))
+        if e[idx].mean() != c[idx].mean():
+            vals.append(query_curve("b", scores[idx], e[idx], c[idx]).apgr())
+    if not vals:
+        return math.nan, math.nan
+    return float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))
+
+
 def auc(scores: np.ndarray, y: np.ndarray) -> float:
     """Area under the ROC curve (probability a positive outscores a negative; ties count half)."""
     pos, neg = scores[y > 0.5], scores[y <= 0.5]
@@ -164,8 +179,9 @@ def query_report() -> dict[str, Any]:
             r.set_threshold(qcal.threshold, method="quality", target=1.0, relative=True, data="tether train tasks")
             r.remember_scores(s_tr)
             r.save(ROUTERS_DIR / f"query-{name.split(':', 1)[1]}.safetensors")
+        lo, hi = bootstrap_apgr(s_he, e_he, c_he)
         rows.append({
-            "router": name, "weight_decay": chosen.get(name), "apgr": curve.apgr(), "fraction_to_95pct_cloud": curve.fraction_to_reach(0.95 * cloud_q),
+            "router": name, "weight_decay": chosen.get(name), "apgr": curve.apgr(), "apgr_ci95": [lo, hi], "fraction_to_95pct_cloud": curve.fraction_to_reach(0.95 * cloud_q),
             "min_fraction_within_1pt_of_cloud": min(within_1pt) if within_1pt else None,
             "best_pass_at_most_60pct": q60, "best_pass_at_most_60pct_fraction": frac60,
             "calib30_realised_fraction": float(np.mean(s_he < t30)),
@@ -391,12 +407,12 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "### Query routers",
         "",
-        "| router | APGR | cloud share for 95% of cloud pass@1 | least cloud share within 1 pt of cloud | best pass@1 with <= 60% cloud | calibrated to 30% on train: share on HumanEval | quality-calibrated on train: share / pass@1 on HumanEval |",
+        "| router | APGR (95% CI, bootstrap over problems) | cloud share for 95% of cloud pass@1 | least cloud share within 1 pt of cloud | best pass@1 with <= 60% cloud | calibrated to 30% on train: share on HumanEval | quality-calibrated on train: share / pass@1 on HumanEval |",
         "|:--|--:|--:|--:|--:|--:|--:|",
     ]
     for r in q["rows"]:
         lines.append(
-            f"| {r['router']} | {r['apgr']:.3f} | {_pct(r['fraction_to_95pct_cloud'])} | "
+            f"| {r['router']} | {r['apgr']:.3f} ({r['apgr_ci95'][0]:.2f}–{r['apgr_ci95'][1]:.2f}) | {_pct(r['fraction_to_95pct_cloud'])} | "
             f"{_pct(r['min_fraction_within_1pt_of_cloud'])} | {_pct(r['best_pass_at_most_60pct'])} "
             f"(at {_pct(r['best_pass_at_most_60pct_fraction'])}) | {_pct(r['calib30_realised_fraction'])} | "
             f"{_pct(r['quality_calib_he_fraction'])} / {_pct(r['quality_calib_he_pass'])} |")

@@ -65,7 +65,7 @@ def test_report_on_a_synthetic_cache(fake_cache: Path, tmp_path: Path) -> None:
     assert set(t["summary"]) == {"confidence", "learned", "margin", "random"}
     assert any(x.startswith(("met", "missed")) for x in rep["targets"])
     md = bench.markdown(rep)
-    assert "| router | APGR |" in md and "HumanEval/0, /4, ..., /160 (41 problems)" in md
+    assert "| router | APGR (95% CI" in md and "HumanEval/0, /4, ..., /160 (41 problems)" in md
     png = tmp_path / "curves.png"
     bench.plot(rep, png)
     assert png.stat().st_size > 10_000
