@@ -147,7 +147,7 @@ def _zeros(view: memoryview, start: int, end: int) -> bool:
     return not np.frombuffer(view, dtype=np.uint8, count=end - start, offset=start).any()
 
 
-def decode_frame(buffer: bytes | bytearray | memoryview, limits: Limits) -> Frame:
+def decode_frame(buffer: bytes | bytearray | memoryview | np.ndarray, limits: Limits) -> Frame:
     """Parse and validate a frame. Tensors are views into `buffer` (keep it alive with them).
 
     Raises:
@@ -155,7 +155,7 @@ def decode_frame(buffer: bytes | bytearray | memoryview, limits: Limits) -> Fram
             over its limit (checked before anything is allocated).
         UnknownMessageType, BadTensor, BadMetadata, ProtocolError: malformed frame.
     """
-    view = memoryview(buffer)
+    view = memoryview(buffer)  # type: ignore[arg-type]  # numpy arrays are buffers
     size = len(view)
     if size > limits.max_frame_bytes:
         raise FrameTooLarge(size, limits.max_frame_bytes)

@@ -121,14 +121,11 @@ def _top(indices: np.ndarray | None, logprobs: np.ndarray | None, where: str, ro
             raise TensorFieldInvalid(f"{where}: expected {rows} rows of top-k, got {indices.shape[0]}")
 
 
-_rec = dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
-
-
 # --------------------------------------------------------------------------- nested records
 
 
 @record
-@_rec
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
 class SamplingParams(Record):
     """How the cloud samples. temperature 0 means greedy (argmax); top_k 0 means off."""
 
@@ -146,7 +143,7 @@ class SamplingParams(Record):
 
 
 @record
-@_rec
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
 class ChatMessage(Record):
     """One chat turn: role is system, user, assistant or tool."""
 
@@ -200,7 +197,7 @@ def message(type_id: int, kind: Kind, *, operation: str = "") -> Callable[[_M], 
 
 
 @message(0x0001, Kind.CONTROL)
-@_rec
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
 class Hello(Message):
     """Client -> server, inside the handshake (XX third message / IK first message payload).
 
@@ -217,7 +214,7 @@ class Hello(Message):
 
 
 @message(0x0002, Kind.CONTROL)
-@_rec
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
 class Welcome(Message):
     """Server -> client, the first transport frame: the server accepted the client."""
 
@@ -232,31 +229,31 @@ class Welcome(Message):
 
 
 @message(0x0003, Kind.CONTROL)
-@_rec
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
 class Ping(Message):
     """Keepalive probe; request_id carries the ping id, echoed by the Pong."""
 
 
 @message(0x0004, Kind.CONTROL)
-@_rec
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
 class Pong(Message):
     """Answer to a Ping with the same request_id."""
 
 
 @message(0x0005, Kind.CONTROL)
-@_rec
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
 class Rekey(Message):
     """The sender rekeys its sending cipher right after this frame (consumed by the transport)."""
 
 
 @message(0x0006, Kind.CONTROL)
-@_rec
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
 class Cancel(Message):
     """Client -> server: abandon request `request_id`; the server ends it with ErrorReply(CANCELLED)."""
 
 
 @message(0x0007, Kind.CONTROL)
-@_rec
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
 class Goodbye(Message):
     """Authenticated close notice: the sender closes the websocket with `code` right after."""
 
@@ -268,7 +265,7 @@ class Goodbye(Message):
 
 
 @message(0x0201, Kind.REPLY)
-@_rec
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
 class SessionOpened(Message):
     """The session exists. `length` is its context length (the prompt, if one was sent)."""
 
@@ -286,7 +283,7 @@ class SessionOpened(Message):
 
 
 @message(0x0101, Kind.REQUEST, operation="open")
-@_rec
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
 class OpenSession(Message):
     """Open a session on `model` with sampling params and seed; optionally prefill `prompt`."""
 
@@ -304,7 +301,7 @@ class OpenSession(Message):
 
 
 @message(0x0202, Kind.REPLY)
-@_rec
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
 class Appended(Message):
     session_id: str
     length: int
@@ -315,7 +312,7 @@ class Appended(Message):
 
 
 @message(0x0102, Kind.REQUEST, operation="append")
-@_rec
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
 class AppendTokens(Message):
     """Append (prefill) `tokens` to the session's context."""
 
@@ -328,7 +325,7 @@ class AppendTokens(Message):
 
 
 @message(0x0203, Kind.REPLY)
-@_rec
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
 class VerifyResult(Message):
     """`accepted` draft tokens were kept; `next_token` is the correction (a draft token was
     rejected) or the bonus token (all were accepted). The context now holds the accepted
@@ -348,7 +345,7 @@ class VerifyResult(Message):
 
 
 @message(0x0103, Kind.REQUEST, operation="verify")
-@_rec
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
 class VerifyDraft(Message):
     """Verify a draft block of k tokens against the session's target model.
 
@@ -384,7 +381,7 @@ class VerifyDraft(Message):
 
 
 @message(0x0204, Kind.REPLY)
-@_rec
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
 class Scores(Message):
     """`token_logprobs[i]` = log p(tokens[i] | context, tokens[:i]); optional top-k per row
     (n rows, or n + 1 with include_next: the last row predicts the token after them)."""
@@ -401,7 +398,7 @@ class Scores(Message):
 
 
 @message(0x0104, Kind.REQUEST, operation="score")
-@_rec
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
 class ScoreTokens(Message):
     """Score `tokens` after the session's context; `append` keeps them in the context."""
 
@@ -419,7 +416,7 @@ class ScoreTokens(Message):
 
 
 @message(0x0205, Kind.REPLY)
-@_rec
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
 class GenerateChunk(Message):
     """Some generated tokens; the END-flagged chunk carries finish_reason."""
 
@@ -434,7 +431,7 @@ class GenerateChunk(Message):
 
 
 @message(0x0105, Kind.REQUEST, operation="generate")
-@_rec
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
 class Generate(Message):
     """Generate up to `max_new_tokens` (streamed as GenerateChunk replies)."""
 
@@ -452,7 +449,7 @@ class Generate(Message):
 
 
 @message(0x0206, Kind.REPLY)
-@_rec
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
 class HiddenResult(Message):
     """The token sampled after running layers [layer, L); optional top-k of its distribution."""
 
@@ -470,7 +467,7 @@ class HiddenResult(Message):
 
 
 @message(0x0106, Kind.REQUEST, operation="hidden")
-@_rec
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
 class ContinueHidden(Message):
     """Split computing: hidden states after the edge ran layers [0, layer) for n new tokens.
 
@@ -504,7 +501,7 @@ class ContinueHidden(Message):
 
 
 @message(0x0207, Kind.REPLY)
-@_rec
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
 class ChatChunk(Message):
     """Chat completion text (all of it, or a streamed delta); the END chunk has finish_reason."""
 
@@ -519,7 +516,7 @@ class ChatChunk(Message):
 
 
 @message(0x0107, Kind.REQUEST, operation="chat")
-@_rec
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
 class Chat(Message):
     """Chat completion over messages (Minions); `stream` asks for several ChatChunk replies."""
 
@@ -541,7 +538,7 @@ class Chat(Message):
 
 
 @message(0x0208, Kind.REPLY)
-@_rec
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
 class RolledBack(Message):
     session_id: str
     length: int
@@ -551,7 +548,7 @@ class RolledBack(Message):
 
 
 @message(0x0108, Kind.REQUEST, operation="rollback")
-@_rec
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
 class Rollback(Message):
     """Truncate the session's context to `length` tokens."""
 
@@ -565,7 +562,7 @@ class Rollback(Message):
 
 
 @message(0x0209, Kind.REPLY)
-@_rec
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
 class SessionClosed(Message):
     session_id: str
 
@@ -574,7 +571,7 @@ class SessionClosed(Message):
 
 
 @message(0x0109, Kind.REQUEST, operation="close")
-@_rec
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
 class CloseSession(Message):
     """Close the session and free its state."""
 
@@ -586,7 +583,7 @@ class CloseSession(Message):
 
 
 @message(0x02FF, Kind.REPLY)
-@_rec
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
 class ErrorReply(Message):
     """The request failed. Always the last reply to its request id (END is set).
 

@@ -77,19 +77,19 @@ def _err(remote: bool, text: str) -> Exception:
 def _conv_int(value: Any, path: str, remote: bool) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise _err(remote, f"{path}: expected an integer, got {type(value).__name__}")
-    value = int(value)
-    if not INT64_MIN <= value <= INT64_MAX:
+    number = int(value)
+    if not INT64_MIN <= number <= INT64_MAX:
         raise _err(remote, f"{path}: integer outside signed 64 bits")
-    return value
+    return number
 
 
 def _conv_float(value: Any, path: str, remote: bool) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
         raise _err(remote, f"{path}: expected a number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
+    number = float(value)
+    if not math.isfinite(number):
         raise _err(remote, f"{path}: number must be finite")
-    return value
+    return number
 
 
 def _conv_bool(value: Any, path: str, remote: bool) -> bool:
@@ -112,10 +112,10 @@ def _make_converter(tp: Any) -> tuple[Converter, Callable[[Any], Any]]:
     """(validate/convert, to_json) for a metadata annotation."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) != 1 or len(typing.get_args(tp)) != 2:
+        members = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(members) != 1 or len(typing.get_args(tp)) != 2:
             raise TypeError(f"unsupported union {tp!r}")
-        inner, inner_json = _make_converter(args[0])
+        inner, inner_json = _make_converter(members[0])
 
         def conv_optional(value: Any, path: str, remote: bool) -> Any:
             return None if value is None else inner(value, path, remote)

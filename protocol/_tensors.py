@@ -103,7 +103,8 @@ def float32_to_bfloat16(array: np.ndarray) -> np.ndarray:
 
 def bfloat16_to_float32(bits: np.ndarray) -> np.ndarray:
     """bfloat16 bit patterns (uint16) -> float32, exact."""
-    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+    widened: np.ndarray = np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16
+    return widened.view(np.float32)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -226,7 +227,8 @@ class Tensor:
             return bfloat16_to_float32(self.data)
         if self.dtype is DType.INT8_ROWWISE:
             assert self.scales is not None
-            return self.data.astype(np.float32) * self.scales[..., None]
+            dequantized: np.ndarray = self.data.astype(np.float32) * self.scales[..., None]
+            return dequantized
         if self.dtype is DType.INT4_GROUPED:
             assert self.scales is not None
             shape = self.shape
@@ -271,7 +273,8 @@ class Tensor:
 def _le_bytes(array: np.ndarray, storage: np.dtype[Any]) -> memoryview:
     """A contiguous little-endian byte view of `array` (copies only when needed)."""
     contiguous = np.ascontiguousarray(array, dtype=storage)
-    return memoryview(contiguous.reshape(-1).view(np.uint8))
+    flat: Any = contiguous.reshape(-1).view(np.uint8)
+    return memoryview(flat)
 
 
 def decode_tensor(

@@ -892,9 +892,10 @@ async def _probe(url: str, *, limits: Limits, ssl: ssl_module.SSLContext | None,
             return None
         reply = await asyncio.wait_for(ws.recv(decode=False), 10)
         try:
-            flow.send(bytes(reply))  # type: ignore[arg-type]
+            flow.send(bytes(reply))
         except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
+            key: PublicKey = stop.value
+            return key
         return None
     except (ConnectionClosed, TimeoutError, ChannelError, ValueError):
         return None
@@ -1048,9 +1049,9 @@ class ServerConnection:
                 self._requests[event.request_id] = request
                 self._incoming.put_nowait(request)
             elif isinstance(event, CancelReceived):
-                request = self._requests.get(event.request_id)
-                if request is not None:
-                    request._on_cancel()
+                cancelled = self._requests.get(event.request_id)
+                if cancelled is not None:
+                    cancelled._on_cancel()
             elif isinstance(event, PongReceived):
                 entry = self._pings.pop(event.ping_id, None)
                 if entry is not None and not entry[1].done():
@@ -1108,7 +1109,7 @@ class ServerConnection:
 
     async def _run(self, handler: RequestHandler, request: Request, semaphore: asyncio.Semaphore | None) -> None:
         try:
-            result = handler(request)
+            result: Any = handler(request)
             if inspect.isawaitable(result):
                 result = await result
             if isinstance(result, Message):
