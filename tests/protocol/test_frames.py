@@ -147,6 +147,8 @@ def test_oversized_tensor_is_refused_before_allocating() -> None:
         (descriptor(0, 9, (3,), 12), "tensor 0: unknown dtype 9"),
         (descriptor(0, 5, (3,), 16), "tensor 0: shape (3,) of INT32 needs 12 bytes, frame declares 16"),
         (descriptor(0, 4, (2, 3), 6), "tensor 0: shape (2, 3) of INT8_ROWWISE needs 14 bytes, frame declares 6"),
+        (descriptor(0, 7, (2, 48), 60),
+         "the last axis of an INT4_GROUPED tensor must be a multiple of 32, got shape (2, 48)"),
         (descriptor(3, 5, (3,), 12), "tensor 0: slot 3 is not a tensor field of AppendTokens in order"),
         (descriptor(0, 5, (1,) * 9, 4), "tensor 0: 9 dimensions exceed the limit of 8"),
         (DESCRIPTOR.pack(0, 5, 1, 0, 1, 4) + bytes(8), "tensor 0: non-zero reserved descriptor bytes"),

@@ -118,14 +118,16 @@ def hidden_results(draw: st.DrawFn) -> HiddenResult:
 
 @st.composite
 def hidden_requests(draw: st.DrawFn) -> ContinueHidden:
-    n, d = draw(st.integers(1, 5)), draw(st.integers(1, 9))
+    compression = draw(st.sampled_from(["none", "fp16", "bf16", "int8", "int4"]))
+    n = draw(st.integers(1, 5))
+    d = draw(st.sampled_from([32, 64])) if compression == "int4" else draw(st.integers(1, 9))
     values = draw(float_arrays((n, d)))
-    compression = draw(st.sampled_from(["none", "fp16", "bf16", "int8"]))
     hidden = {
         "none": lambda: Tensor.from_numpy(values),
         "fp16": lambda: Tensor.from_numpy(values.astype(np.float16)),
         "bf16": lambda: Tensor.bfloat16(values),
         "int8": lambda: Tensor.int8_rowwise(values),
+        "int4": lambda: Tensor.int4_grouped(values),
     }[compression]()
     tokens = draw(st.none() | hnp.arrays(np.int64, n, elements=st.integers(0, 2**40)))
     return ContinueHidden(session_id=draw(session), layer=draw(st.integers(0, 200)), compression=compression,
