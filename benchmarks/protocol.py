@@ -308,18 +308,15 @@ def run(*, quick: bool = False, show_progress: bool = True, smoke: bool = False)
             "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "results": results}
 
 
-def render_markdown(data: dict[str, Any]) -> str:
+def _table(data: dict[str, Any]) -> list[str]:
     r = data["results"]
     env = data["environment"]
     packages = env["packages"]
+    label = data.get("label") or "this machine"
     lines = [
-        "## protocol",
-        "",
-        f"`tether bench protocol{' --quick' if data['quick'] else ''}` on {env['processor']}, {env['cpus']} CPUs, "
-        f"Python {env['python']}, websockets {packages.get('websockets', '?')}, "
-        f"cryptography {packages.get('cryptography', '?')} ({data['timestamp']}). Client and servers on "
-        "127.0.0.1 in two processes; plain websockets with `compression=None` in the same run. "
-        "Ratios are tether / plain.",
+        f"**{label}**: `tether bench protocol{' --quick' if data['quick'] else ''}` on {env['processor']}, "
+        f"{env['cpus']} CPUs, Python {env['python']}, websockets {packages.get('websockets', '?')}, "
+        f"cryptography {packages.get('cryptography', '?')} ({data['timestamp']}).",
         "",
         "| measurement | tether | plain websockets | ratio |",
         "| --- | --- | --- | --- |",
@@ -337,29 +334,63 @@ def render_markdown(data: dict[str, Any]) -> str:
         f"{rr['tether']['p90_ms']:.3f} ms | {rr['plain_websockets']['median_ms']:.3f} / "
         f"{rr['plain_websockets']['p90_ms']:.3f} ms | {rr['ratio']:.2f}x |"
     )
-    for label in SIZES:
-        t = r[f"throughput_{label}"]
+    for size in SIZES:
+        t = r[f"throughput_{size}"]
+        rounds = ", ".join(f"{x:.2f}" for x in t.get("ratio_per_round", []))
         lines.append(
-            f"| throughput, {label} float32 tensors, {data['window']} in flight, median of {t['rounds']} rounds "
-            f"| {t['tether_MBps']:.0f} MB/s "
-            f"({t['tether_messages_per_s']:.0f} msg/s) | {t['plain_websockets_MBps']:.0f} MB/s "
-            f"({t['plain_messages_per_s']:.0f} msg/s) | {t['ratio']:.2f}x |"
+            f"| throughput, {size} float32 tensors, {data['window']} in flight (median of {t['rounds']} rounds; "
+            f"per-round ratios {rounds}) | {t['tether_MBps']:.0f} MB/s ({t['tether_messages_per_s']:.0f} msg/s) | "
+            f"{t['plain_websockets_MBps']:.0f} MB/s ({t['plain_messages_per_s']:.0f} msg/s) | {t['ratio']:.2f}x |"
         )
-    o = r["overhead"]
-    t4, t1 = r["throughput_4KiB"], r["throughput_1MiB"]
+    t1 = r["throughput_1MiB"]
     lines += [
         "",
-        f"Overhead per message on the wire (beyond the websocket framing both share): {o['record_bytes']} bytes "
-        f"of record ({o['record_layout']}) plus the frame: a {o['frame_header_bytes']}-byte header, tensor "
-        f"descriptors, JSON metadata and 8-byte alignment. For the tensor messages above that is "
-        f"{t4['overhead_bytes_per_message']} bytes per message at 4 KiB and {t1['overhead_bytes_per_message']} "
-        f"at 1 MiB; the 8-token request is {o['small_request_bytes']} bytes for "
-        f"{o['small_request_payload_bytes']} bytes of token ids.",
+        "Target, 1 MiB throughput >= 0.8x plain websockets: "
+        + ("**met**" if t1["ratio"] >= 0.8 else "**not met**") + f" ({t1['ratio']:.2f}x).",
+    ]
+    return lines
+
+
+def render_markdown(data: dict[str, Any], others: list[dict[str, Any]] | None = None) -> str:
+    """The docs/benchmarks.md section: this run's table, then any runs saved from other machines."""
+    r = data["results"]
+    o = r["overhead"]
+    t4, t1 = r["throughput_4KiB"], r["throughput_1MiB"]
+    lines = [
+        "## protocol",
         "",
-        "Target: 1 MiB throughput >= 0.8x plain websockets: "
-        + ("met" if t1["ratio"] >= 0.8 else "NOT met") + f" ({t1['ratio']:.2f}x).",
+        "The encrypted protocol against plain `websockets` (same library, `compression=None`) on the same "
+        "loopback in the same run: client and servers in two processes; throughput rounds alternate tether "
+        "and plain so that other load on the machine hits both alike. Ratios are tether / plain (for "
+        "latencies, higher is slower; for throughput, lower is slower).",
+        "",
+    ]
+    for run_data in [data, *(others or [])]:
+        lines += _table(run_data) + [""]
+    lines += [
+        f"Bytes on the wire per message beyond what both share (the websocket framing): {o['record_bytes']} "
+        f"bytes of record ({o['record_layout']}) plus the frame: a {o['frame_header_bytes']}-byte header, "
+        f"tensor descriptors (16 bytes + 4 per dimension), JSON metadata and 8-byte alignment. For the "
+        f"tensor messages above that is {t4['overhead_bytes_per_message']} bytes per message at 4 KiB and "
+        f"{t1['overhead_bytes_per_message']} at 1 MiB; the 8-token request is {o['small_request_bytes']} "
+        f"bytes for {o['small_request_payload_bytes']} bytes of token ids.",
+        "",
+        "Reproduce: `tether bench protocol` (add `--label NAME` to save a run from another machine as "
+        "`benchmarks/results/protocol-NAME.json`, listed here after this machine's).",
     ]
     return "\n".join(lines)
+
+
+def _saved_runs(results_dir: Path) -> list[dict[str, Any]]:
+    import json
+
+    runs = []
+    for path in sorted(results_dir.glob("protocol-*.json")):
+        try:
+            runs.append(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError):
+            continue
+    return runs
 
 
 def register(bench_app: typer.Typer) -> None:
@@ -368,20 +399,29 @@ def register(bench_app: typer.Typer) -> None:
         quick: Annotated[bool, typer.Option("--quick", help="Fewer samples (about 10 s).")] = False,
         docs: Annotated[bool, typer.Option("--docs/--no-docs", help="Update docs/benchmarks.md.")] = True,
         out: Annotated[Optional[Path], typer.Option("--out", help="Results JSON (default benchmarks/results/protocol.json).")] = None,
+        label: Annotated[Optional[str], typer.Option("--label", help="Save as protocol-LABEL.json (another machine).")] = None,
     ) -> None:
         """Encrypted protocol vs plain websockets: handshake, latency, throughput, overhead."""
         import json
 
-        from tether.bench_cli import update_docs_section, write_results
+        from tether.bench_cli import repo_root, update_docs_section, write_results
 
         data = run(quick=quick)
+        data["label"] = label
         if out is not None:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
             path = out
         else:
-            path = write_results("protocol", data)
-        markdown = render_markdown(data)
+            path = write_results(f"protocol-{label}" if label else "protocol", data)
+        results_dir = repo_root() / "benchmarks" / "results"
+        main_path = results_dir / "protocol.json"
+        others = _saved_runs(results_dir)
+        if label and main_path.exists():
+            data = json.loads(main_path.read_text(encoding="utf-8"))
+        elif label:
+            others = [o for o in others if o.get("label") != label]
+        markdown = render_markdown(data, others)
         typer.echo(markdown)
         typer.echo(f"\nresults: {path}")
         if docs:
