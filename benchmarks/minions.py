@@ -99,8 +99,9 @@ def _resumable_prefill(model: Any, gen: Any, prefix: tuple[int, ...], name: str,
 
     A 21k-token document takes the 1.5B many minutes on this CPU, so the prefill is cut into
     steps that can each stop at `deadline` (a `time.monotonic()` value) and resume later.
-    The KV tensors are read and restored through the torch backend's `TorchKVState.append`
-    (appending nothing returns every held position). Returns False when the deadline came first.
+    The KV tensors are read and restored through the torch backend state's append (appending
+    nothing returns every held position): a benchmark-only reach into that backend, which has
+    no serialisation API. Returns False when the deadline came first.
     """
     import torch
 
@@ -111,7 +112,7 @@ def _resumable_prefill(model: Any, gen: Any, prefix: tuple[int, ...], name: str,
         saved = torch.load(path, weights_only=True)
         with torch.inference_mode():
             for layer, (k, v) in enumerate(zip(saved["keys"], saved["values"], strict=True)):
-                state.append(layer, k, v)
+                _kv_append(state)(layer, k, v)
         done, last = int(saved["n"]), saved["last"]
         print(f"  {name}: resumed at {done}/{len(prefix)} tokens", flush=True)
     t_save = time.monotonic()
@@ -135,6 +136,11 @@ def _resumable_prefill(model: Any, gen: Any, prefix: tuple[int, ...], name: str,
     return True
 
 
+def _kv_append(state: Any) -> Any:
+    """The torch backend state's per-layer append (named ``_append`` or ``append`` by version)."""
+    return getattr(state, "_append", None) or state.append
+
+
 def _kv_shape(model_name: str) -> tuple[int, int]:
     """(kv heads, head dim) of a registry model, from its config."""
     from tether.models import ensure_hf_dir
@@ -150,12 +156,46 @@ def _save_checkpoint(model: Any, state: Any, done: int, last: Any, path: Path) -
     heads, head_dim = _kv_shape(model.info.name)
     with torch.inference_mode():  # the cache tensors are inference tensors
         empty = torch.empty(heads, 0, head_dim, dtype=model.dtype)
-        held = [state.append(layer, empty, empty) for layer in range(model.info.num_layers)]
+        held = [_kv_append(state)(layer, empty, empty) for layer in range(model.info.num_layers)]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save({"n": done, "last": last, "keys": [k.clone() for k, _ in held], "values": [v.clone() for _, v in held]},
                tmp)
     tmp.replace(path)
+
+
+def save_edge_cache(model: Any, gen: Any, path: Path) -> None:
+    """Write the generator's cached prefixes (documents, chunks) to disk, so a later run skips their prefill."""
+    import torch
+
+    heads, head_dim = _kv_shape(model.info.name)
+    entries = []
+    with torch.inference_mode():
+        empty = torch.empty(heads, 0, head_dim, dtype=model.dtype)
+        for ids, state, last in gen.prefixes():
+            held = [_kv_append(state)(layer, empty, empty) for layer in range(model.info.num_layers)]
+            entries.append({"ids": list(ids), "last": last, "keys": [k.clone() for k, _ in held],
+                            "values": [v.clone() for _, v in held]})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(entries, tmp)
+    tmp.replace(path)
+
+
+def load_edge_cache(model: Any, gen: Any, path: Path) -> int:
+    """Restore prefixes saved by `save_edge_cache`; returns how many."""
+    import torch
+
+    if not path.exists():
+        return 0
+    entries = torch.load(path, weights_only=True)
+    with torch.inference_mode():
+        for e in entries:
+            state = model.new_state()
+            for layer, (k, v) in enumerate(zip(e["keys"], e["values"], strict=True)):
+                _kv_append(state)(layer, k, v)
+            gen.add_prefix(e["ids"], state, e["last"])
+    return len(entries)
 
 
 def run_baseline(method: str, docs: list[LongDoc], results: Path, *, threads: int | None = None,
@@ -253,8 +293,8 @@ async def run_protocols(methods: list[str], docs: list[LongDoc], results: Path, 
     fps = {
         "edge-only": _fingerprint("edge-only", {"model": DEFAULT_EDGE_MODEL, "max_tokens": BASELINE_MAX_TOKENS,
                                                 "instruction": BASELINE_INSTRUCTION, "prompt": "minion-edge"}),
-        "minion": _fingerprint("minion", {"rounds": max_rounds, "format": ANSWER_FORMAT, "v": 1}),
-        "minions": _fingerprint("minions", {"rounds": max_rounds, "format": ANSWER_FORMAT, "v": 1,
+        "minion": _fingerprint("minion", {"rounds": max_rounds, "format": ANSWER_FORMAT, "v": 2}),
+        "minions": _fingerprint("minions", {"rounds": max_rounds, "format": ANSWER_FORMAT, "v": 2,
                                             "chunk": opts.chunking.max_tokens}),
     }
     todo = {m: [q for d in docs for q in d.questions if load_cached(results, m, q.id, fps[m]) is None]
@@ -272,8 +312,13 @@ async def run_protocols(methods: list[str], docs: list[LongDoc], results: Path, 
                                  config=CloudConfig(batch_window_s=0.0, max_tokens=8192))
         await manager.start()
     client = EdgeClient(edge, InProcessCloud(manager) if manager is not None else None)
+    gen = edge_generator(edge, opts)
     try:
         for doc in docs:
+            cache_file = _checkpoint_path(f"edge-{doc.id}", tuple(edge.tokenizer.encode(doc.text[:2000])))
+            restored = load_edge_cache(edge.runtime, gen, cache_file)
+            if restored:
+                print(f"{doc.id}: restored {restored} cached edge prefixes", flush=True)
             for method in methods:
                 for q in [q for q in todo[method] if q.doc_id == doc.id]:
                     t0 = time.perf_counter()
@@ -283,7 +328,6 @@ async def run_protocols(methods: list[str], docs: list[LongDoc], results: Path, 
                         prompt = edge_conversation(edge.tokenizer, [doc.text], [],
                                                    f"{q.question}\n{BASELINE_INSTRUCTION}",
                                                    max_new_tokens=BASELINE_MAX_TOKENS)
-                        gen = edge_generator(edge, opts)
                         out = (await edge.run(gen.generate, [prompt]))[0]
                         answer = final_answer(out.text)
                         row |= {"answer": answer, "reply": out.text, "cloud_prompt_tokens": 0,
@@ -309,6 +353,7 @@ async def run_protocols(methods: list[str], docs: list[LongDoc], results: Path, 
                     row["correct"] = score(answer, q.answer)
                     row["wall_s"] = round(time.perf_counter() - t0, 1)
                     store(results, method, row)
+                    save_edge_cache(edge.runtime, gen, cache_file)
                     print(f"{method} {q.id}: expected {q.answer}, got {answer!r} -> {row['correct']} "
                           f"(cloud tokens {row['cloud_prompt_tokens'] + row['cloud_completion_tokens']}, "
                           f"{row['wall_s']} s)", flush=True)

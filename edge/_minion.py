@@ -10,7 +10,7 @@ asks the local model one question (``{"action": "ask", "question": ...}``) or an
 conversation with the remote. After `max_rounds` questions the remote must answer.
 
 What leaves the device: the task, the remote's own previous replies, and the edge model's
-answers (at most ``2 * edge_max_tokens`` tokens each). Never the documents.
+answers (at most ``edge_max_tokens`` tokens each). Never the documents.
 """
 
 from __future__ import annotations
@@ -36,14 +36,16 @@ from tether.errors import ConfigurationError
 CLOUD_SYSTEM = (
     "You answer a task about private documents that you cannot see. A small local model has read them "
     "and answers your questions. Each turn, reply with one JSON object: "
-    '{"action": "ask", "question": "..."} to ask the local model one short question (it is weak: ask for '
-    'one fact at a time), or {"action": "answer", "answer": "..."} to give the final answer. '
-    "Do any arithmetic yourself."
+    '{"action": "ask", "question": "..."} to ask the local model one short question, or '
+    '{"action": "answer", "answer": "..."} to give the final answer. The local model is weak: never pass it '
+    "the whole task; ask for one fact per question (for a sum of two figures, ask for each figure in turn) "
+    "and do any arithmetic yourself."
 )
 
 EDGE_SYSTEM = (
-    "You answer questions about the documents below using only what they say. Answer briefly and "
-    "quote the exact figures or words you rely on. If the documents do not say, reply that they do not."
+    "You answer questions about the documents below using only what they say. Answer in one or two "
+    "sentences and quote the exact figures or words you rely on. If the documents do not say, reply that "
+    "they do not."
 )
 
 
@@ -80,7 +82,8 @@ def edge_conversation(
 
 
 def _task_message(task: str, rounds_left: int) -> str:
-    return f"Task: {task}\nQuestions you may still ask: {rounds_left}."
+    return (f"Task: {task}\nQuestions you may still ask: {rounds_left}. You have not seen the documents: "
+            "ask your first question.")
 
 
 def _edge_message(answer: str, rounds_left: int) -> str:
@@ -128,6 +131,8 @@ def minion_flow(
 
         def parse(text: str, final: bool = final) -> Question | FinalAnswer:
             turn = parse_minion_turn(text, lim)
+            if index == 1 and isinstance(turn, FinalAnswer):
+                raise SchemaViolation("you have not asked anything yet: the first turn must be 'ask'", path="action")
             if final and not isinstance(turn, FinalAnswer):
                 raise SchemaViolation("no questions are left: the action must be 'answer'", path="action")
             return turn
@@ -139,7 +144,7 @@ def minion_flow(
             return AskResult(answer=turn.answer, mode="minion", rounds=tuple(session.rounds), cost=session.cost,
                              forced=final)
         prompt = edge_conversation(tokenizer, documents, history, turn.question,
-                                   max_new_tokens=2 * options.edge_max_tokens)
+                                   max_new_tokens=options.edge_max_tokens)
         reply: Timed[list[EdgeOutput]] = yield EdgeRequest(prompts=(prompt,))
         out = reply.value[0]
         round_cost.edge_calls += 1

@@ -173,7 +173,8 @@ def minions_flow(
         mode="minions",
         messages=[{"role": "system", "content": CLOUD_SYSTEM},
                   {"role": "user", "content": f"Task: {task}\nDocuments: {_overview(chunks, len(documents))}\n"
-                                              f"Rounds of jobs left: {max_rounds}."}],
+                                              f"Rounds of jobs left: {max_rounds}. You have not seen the documents: "
+                                              "reply with jobs first."}],
         options=options,
         cost=CostReport(whole_document_tokens=whole_document_tokens, pricing=options.pricing),
     )
@@ -185,6 +186,9 @@ def minions_flow(
         def parse(text: str, final: bool = final) -> Plan | FinalAnswer:
             nonlocal pairs
             turn = parse_plan(text, lim)
+            if index == 1 and isinstance(turn, FinalAnswer):
+                raise SchemaViolation("you have not seen any results yet: the first turn must be 'jobs'",
+                                      path="action")
             if isinstance(turn, Plan):
                 if final:
                     raise SchemaViolation("no rounds are left: the action must be 'answer'", path="action")

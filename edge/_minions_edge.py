@@ -228,6 +228,10 @@ class BatchGenerator:
             self._cache.remove(victim)
             self.model.release(victim.state)
 
+    def prefixes(self) -> list[tuple[tuple[int, ...], KVState, torch.Tensor]]:
+        """The cached prefixes as (ids, state, last logits), most recently used last (read-only)."""
+        return [(e.ids, e.state, e.last_logits) for e in sorted(self._cache, key=lambda e: e.used)]
+
     def add_prefix(self, ids: Sequence[int], state: KVState, last_logits: torch.Tensor) -> None:
         """Cache a prefix prefilled elsewhere (e.g. restored from disk); the cache owns `state` now.
 

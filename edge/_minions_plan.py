@@ -305,16 +305,16 @@ def parse_plan(text: str, limits: PlanLimits | None = None) -> Plan | FinalAnswe
 
     Schema: ``{"action": "jobs", "jobs": [{"instruction": str, "chunks": "all" | [id, ...] |
     {"ids": [...]} | {"documents": [...]} | {"contains_any": [str, ...]}, "hints": str}]}``
-    or ``{"action": "answer", "answer": str}``; an optional ``"reasoning"`` string is
-    allowed (and ignored) at the top level.
+    or ``{"action": "answer", "answer": str}``. Other top-level fields (small models add
+    "reasoning" or "citation") are ignored: they are never read, and the reply's size is
+    bounded. Fields of a job are strict: an unknown one (``"chunk_ids"``, ``"code"``) is an
+    error, since silently dropping it could change which chunks run.
 
     Raises:
         PlanError: `ReplyTooLarge`, `NotJSON` or `SchemaViolation`, with the path and sizes.
     """
     lim = limits or PlanLimits()
     obj = extract_json(text, lim)
-    _no_unknown(obj, frozenset({"action", "jobs", "answer", "reasoning"}), "")
-    _text(obj, "reasoning", "", lim.max_reply_chars, required=False)
     if _action(obj, {"jobs": "jobs", "answer": "answer"}) == "answer":
         return FinalAnswer(answer=_text(obj, "answer", "", lim.max_answer_chars))
     jobs = obj.get("jobs")
@@ -339,15 +339,13 @@ def parse_plan(text: str, limits: PlanLimits | None = None) -> Plan | FinalAnswe
 
 def parse_minion_turn(text: str, limits: PlanLimits | None = None) -> Question | FinalAnswer:
     """Validate a Minion cloud turn: ``{"action": "ask", "question": str}`` or
-    ``{"action": "answer", "answer": str}`` (optional ``"reasoning"`` string).
+    ``{"action": "answer", "answer": str}`` (other top-level fields are ignored).
 
     Raises:
         PlanError: `ReplyTooLarge`, `NotJSON` or `SchemaViolation`.
     """
     lim = limits or PlanLimits()
     obj = extract_json(text, lim)
-    _no_unknown(obj, frozenset({"action", "question", "answer", "reasoning"}), "")
-    _text(obj, "reasoning", "", lim.max_reply_chars, required=False)
     if _action(obj, {"ask": "question", "answer": "answer"}) == "answer":
         return FinalAnswer(answer=_text(obj, "answer", "", lim.max_answer_chars))
     return Question(question=_text(obj, "question", "", lim.max_question_chars))

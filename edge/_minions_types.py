@@ -35,8 +35,7 @@ class MinionsOptions:
         chunking: how MinionS cuts documents (chunk size in edge tokens, by section).
         limits: bounds on every cloud reply (plan size, strings, edge runs per round).
         cloud_max_tokens: most tokens of one cloud reply.
-        edge_max_tokens: most tokens of one edge reply (MinionS job result; a Minion answer
-            may take twice this).
+        edge_max_tokens: most tokens of one edge reply (a MinionS job result, a Minion answer).
         max_results: most non-abstaining edge results sent to the cloud per round (MinionS).
         max_result_chars: each result's answer and citation are cut to this many characters.
         send_citations: send the edge's short supporting quote with each result (MinionS).
@@ -55,8 +54,8 @@ class MinionsOptions:
     limits: PlanLimits = field(default_factory=PlanLimits)
     cloud_max_tokens: int = 400
     edge_max_tokens: int = 80
-    max_results: int = 48
-    max_result_chars: int = 160
+    max_results: int = 24
+    max_result_chars: int = 120
     send_citations: bool = True
     edge_context_tokens: int | None = None
     edge_batch: int = 16

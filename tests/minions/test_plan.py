@@ -134,8 +134,6 @@ def test_answer_and_inferred_action() -> None:
     ('{"action": "jobs", "jobs": [{"instruction": "a", "chunks": {"contains_any": []}}]}',
      "jobs[0].chunks.contains_any must be a non-empty list of strings"),
     ('{"action": "answer"}', "answer is missing"),
-    ('{"action": "answer", "answer": "1", "exec": "rm -rf /"}',
-     "reply has unknown fields 'exec'; allowed: action, answer, jobs, reasoning"),
 ])
 def test_malformed_plans_get_a_clear_error(reply: str, message: str) -> None:
     with pytest.raises(SchemaViolation) as info:
@@ -171,6 +169,12 @@ def test_oversized_plans_carry_size_and_limit() -> None:
 def test_hostile_strings_are_refused(instruction: str) -> None:
     with pytest.raises(SchemaViolation, match="contains control characters or special-token markers"):
         parse_plan(plan_text({"instruction": instruction}))
+
+
+def test_extra_top_level_fields_are_ignored_never_used() -> None:
+    assert parse_plan('{"action": "answer", "answer": "1", "exec": "rm -rf /", "citation": "x"}') == FinalAnswer(
+        answer="1")
+    assert parse_minion_turn('{"action": "ask", "question": "q", "code": "import os"}') == Question(question="q")
 
 
 def test_code_in_a_plan_is_only_ever_text() -> None:

@@ -229,5 +229,19 @@ async def test_failed_session_leaves_the_client_usable(byte_edge: Any) -> None:
     client = EdgeClient(byte_edge, None)
     with pytest.raises(MinionsFailed):
         await client.ask("t", documents=[REPORT], remote=ScriptedPlanner(["{", "}"]), max_rounds=1)
-    ok = await client.ask("t", documents=[REPORT], remote=ScriptedPlanner([answer("fine")]), max_rounds=1)
-    assert ok.answer == "fine" and ok.cost.edge_calls == 0
+    planner = ScriptedPlanner([jobs({"instruction": "Sales?", "chunks": [0]}), answer("fine")])
+    ok = await client.ask("t", documents=[REPORT], remote=planner, max_rounds=1,
+                          options=OPTS.replace(edge_max_tokens=4))
+    assert ok.answer == "fine" and ok.cost.edge_calls == 1
+
+
+def test_the_first_turn_must_ask_for_edge_work(byte_tokenizer: Any) -> None:
+    """The remote has not seen the documents: an answer in round 1 is a guess and is refused."""
+    result, clouds, edges = drive(minions(byte_tokenizer), [answer("1234567890"), jobs({"instruction": "Find it."}),
+                                                            answer("120")], lambda p: '{"answer": "120"}')
+    assert result.answer == "120" and len(edges) == 1
+    assert result.rounds[0].cloud[0].error == "you have not seen any results yet: the first turn must be 'jobs'"
+    flow = minion_flow(byte_tokenizer, "t", [REPORT], max_rounds=1, options=OPTS, max_positions=2048,
+                       whole_document_tokens=1)
+    with pytest.raises(MinionsFailed, match="the first turn must be 'ask'"):
+        drive(flow, [answer("guess"), answer("guess")], lambda p: "")
