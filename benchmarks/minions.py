@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import typer
+
 from tether.benchmarks.longdoc import LongDoc, QAItem, generate, score
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,6 +65,21 @@ def final_answer(text: str) -> str:
 def _fingerprint(method: str, settings: dict[str, Any]) -> str:
     blob = json.dumps({"method": method, **settings}, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def fingerprints(max_rounds: int = 3) -> dict[str, str]:
+    """The settings fingerprint of each method: a cached answer counts only under the same one."""
+    from tether.models import DEFAULT_CLOUD_MODEL, DEFAULT_EDGE_MODEL
+
+    chunk = protocol_options().chunking.max_tokens
+    return {
+        "cloud-only": _fingerprint("cloud-only", {"model": DEFAULT_CLOUD_MODEL, "max_tokens": BASELINE_MAX_TOKENS,
+                                                  "system": BASELINE_SYSTEM, "instruction": BASELINE_INSTRUCTION}),
+        "edge-only": _fingerprint("edge-only", {"model": DEFAULT_EDGE_MODEL, "max_tokens": BASELINE_MAX_TOKENS,
+                                                "instruction": BASELINE_INSTRUCTION, "prompt": "minion-edge"}),
+        "minion": _fingerprint("minion", {"rounds": max_rounds, "format": ANSWER_FORMAT, "v": 2}),
+        "minions": _fingerprint("minions", {"rounds": max_rounds, "format": ANSWER_FORMAT, "v": 2, "chunk": chunk}),
+    }
 
 
 def _cache_file(results: Path, method: str, qid: str) -> Path:
@@ -212,9 +229,7 @@ def run_baseline(method: str, docs: list[LongDoc], results: Path, *, threads: in
     from tether.runtime._loader import load_runtime
 
     model_name = DEFAULT_CLOUD_MODEL if method == "cloud-only" else DEFAULT_EDGE_MODEL
-    settings = {"model": model_name, "max_tokens": BASELINE_MAX_TOKENS, "system": BASELINE_SYSTEM,
-                "instruction": BASELINE_INSTRUCTION}
-    fp = _fingerprint(method, settings)
+    fp = fingerprints()[method]
     todo = [(d, q) for d in docs for q in d.questions if load_cached(results, method, q.id, fp) is None]
     if not todo:
         print(f"{method}: all {sum(len(d.questions) for d in docs)} answers cached")
@@ -290,13 +305,7 @@ async def run_protocols(methods: list[str], docs: list[LongDoc], results: Path, 
     from tether.runtime._loader import load_runtime
 
     opts = protocol_options()
-    fps = {
-        "edge-only": _fingerprint("edge-only", {"model": DEFAULT_EDGE_MODEL, "max_tokens": BASELINE_MAX_TOKENS,
-                                                "instruction": BASELINE_INSTRUCTION, "prompt": "minion-edge"}),
-        "minion": _fingerprint("minion", {"rounds": max_rounds, "format": ANSWER_FORMAT, "v": 2}),
-        "minions": _fingerprint("minions", {"rounds": max_rounds, "format": ANSWER_FORMAT, "v": 2,
-                                            "chunk": opts.chunking.max_tokens}),
-    }
+    fps = fingerprints(max_rounds)
     todo = {m: [q for d in docs for q in d.questions if load_cached(results, m, q.id, fps[m]) is None]
             for m in methods}
     if not any(todo.values()):
@@ -369,15 +378,16 @@ async def run_protocols(methods: list[str], docs: list[LongDoc], results: Path, 
 TARGETS = {"minions": (5.0, 0.90), "minion": (20.0, None)}
 
 
-def collect(results: Path, docs: list[LongDoc]) -> dict[str, list[dict[str, Any]]]:
-    """The cached rows of every method, in question order (missing questions are skipped)."""
+def collect(results: Path, docs: list[LongDoc], max_rounds: int = 3) -> dict[str, list[dict[str, Any]]]:
+    """The cached rows of every method under the current settings, in question order (missing ones skipped)."""
+    fps = fingerprints(max_rounds)
     rows: dict[str, list[dict[str, Any]]] = {}
     for method in METHODS:
         for d in docs:
             for q in d.questions:
-                path = _cache_file(results, method, q.id)
-                if path.exists():
-                    rows.setdefault(method, []).append(json.loads(path.read_text()))
+                row = load_cached(results, method, q.id, fps[method])
+                if row is not None:
+                    rows.setdefault(method, []).append(row)
     return rows
 
 
@@ -492,7 +502,7 @@ def report(docs: list[LongDoc], results: Path = RESULTS, *, write_docs: bool = T
     """Summarise the cached answers; write the JSON, the plot and the docs section."""
     from tether.models import DEFAULT_CLOUD_MODEL, DEFAULT_EDGE_MODEL
 
-    rows = collect(results, docs)
+    rows = collect(results, docs, max_rounds)
     summary = summarise(rows)
     doc_tokens = sorted({r["whole_document_tokens"] for r in rows.get("cloud-only", [])})
     data = {
@@ -561,7 +571,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def register(bench_app: Any) -> None:
     """Add `tether bench minions`."""
-    import typer
 
     @bench_app.command("minions", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
     def minions_command(ctx: typer.Context) -> None:

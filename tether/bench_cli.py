@@ -28,6 +28,7 @@ _BENCH_MODULES: tuple[str, ...] = (
     "tether.benchmarks.serve",
     "tether.benchmarks.speculative",
     "tether.benchmarks.routing",
+    "tether.benchmarks.minions",
 )
 
 bench_app = typer.Typer(
