@@ -31,7 +31,7 @@ from typing import Any
 
 import typer
 
-from tether.benchmarks.longdoc import LongDoc, QAItem, generate, score
+from tether.benchmarks.longdoc import LongDoc, generate, score
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "minions"

@@ -245,3 +245,13 @@ def test_the_first_turn_must_ask_for_edge_work(byte_tokenizer: Any) -> None:
                        whole_document_tokens=1)
     with pytest.raises(MinionsFailed, match="the first turn must be 'ask'"):
         drive(flow, [answer("guess"), answer("guess")], lambda p: "")
+
+
+def test_sync_client_ask(byte_edge: Any) -> None:
+    from tether.edge import Client
+
+    planner = ScriptedPlanner([jobs({"instruction": "Sales?", "chunks": [1]}), answer("75")])
+    with Client(EdgeClient(byte_edge, None)) as client:
+        result = client.ask("Borealis sales?", documents=[REPORT], remote=planner, max_rounds=1,
+                            options=OPTS.replace(edge_max_tokens=4))
+    assert result.answer == "75" and result.rounds[0].edge_runs == 1
