@@ -100,6 +100,7 @@ from tether.protocol._session import (
 from tether.protocol._tensors import DType, Tensor
 from tether.protocol._ws import (
     Connection,
+    ReplyStream,
     Request,
     RequestFailed,
     Server,
@@ -170,6 +171,7 @@ __all__ = [
     "RekeyPolicy",
     "RemoteError",
     "ReplyReceived",
+    "ReplyStream",
     "Request",
     "RequestFailed",
     "RequestReceived",

@@ -9,6 +9,7 @@ says how to close the websocket and `data_to_send()` may still hold an encrypted
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import time
 from collections.abc import Callable, Collection
@@ -628,6 +629,7 @@ class ServerProtocol(_ProtocolBase):
         self.keys = keys
         self.allowlist = allowlist
         self._token = token
+        self._token_digest = hashlib.sha256(token.encode("utf-8")).digest() if token is not None else b""
         self.server_name = server_name or f"tether/{tether.__version__}"
         self.capabilities = tuple(capabilities)
         self.models = tuple(models)
@@ -650,8 +652,9 @@ class ServerProtocol(_ProtocolBase):
         if self.allowlist is not None and result.peer not in self.allowlist:
             raise UnknownClientKey(result.peer.fingerprint)
         if self._token is not None:
-            offered = (hello.token or "").encode("utf-8")
-            if not hmac.compare_digest(offered, self._token.encode("utf-8")):
+            # Compare digests, so neither the token's content nor its length leaks by timing.
+            offered = hashlib.sha256((hello.token or "").encode("utf-8")).digest()
+            if not hmac.compare_digest(offered, self._token_digest):
                 raise BadToken(f"client {result.peer.fingerprint} sent a missing or wrong bearer token")
         self.peer_max_frame_bytes = hello.max_frame_bytes
         limits = self.limits
