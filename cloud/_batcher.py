@@ -108,6 +108,7 @@ class Batcher:
         self._task: asyncio.Task[None] | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._closed = False
+        self._running: list[_Item] = []
         self.forwards = 0  # batched forward passes run
         self.sequences = 0  # sequences run in them
 
@@ -138,6 +139,10 @@ class Batcher:
         if self._executor is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown, True)
             self._executor = None
+        # The forward that was running has finished (the thread is joined): fail its callers.
+        for item in self._running:
+            self._fail(item, CloudError("the model worker is shut down"))
+        self._running = []
 
     # -- submitting -----------------------------------------------------------------------
 
@@ -254,6 +259,7 @@ class Batcher:
                 if not self._queue:
                     continue
             batch = self._take_batch()
+            self._running = batch
             start = time.perf_counter()
             for item in batch:
                 item.status = _ItemState.RUNNING
