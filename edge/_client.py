@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from tether.cloud import SamplingParams
 from tether.edge._connectors import InProcessCloud, LazyCloud
 from tether.edge._edge_model import EdgeModel
+from tether.edge._draft_length import DraftLengthPolicy
 from tether.edge._link import EmulatedLink
 from tether.edge._loop import Generation
 from tether.edge._minions import run_ask
@@ -356,6 +357,15 @@ class EdgeClient:
 
     # -- wiring (the factory: every part is injected here, so tests can swap any) -------
 
+    def _policy(self, options: SpeculativeOptions) -> DraftLengthPolicy:
+        """One draft-length policy per client and settings: what it learns (the cloud's
+        verify-cost curve, the draft speed, the acceptance rate as a prior) carries over
+        from one generation to the next."""
+        policies: dict[SpeculativeOptions, DraftLengthPolicy] = self.__dict__.setdefault("_policies", {})
+        if options not in policies:
+            policies[options] = options.make_policy()
+        return policies[options]
+
     def _build(
         self,
         mode: str,
@@ -399,7 +409,7 @@ class EdgeClient:
             scorer=CloudScorer(link),
             link=link,
             fallback=fallback,
-            policy=speculative.make_policy(),
+            policy=self._policy(speculative),
             options=speculative,
             stats=stats,
             eos_ids=self.edge.eos_token_ids,

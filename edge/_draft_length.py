@@ -122,6 +122,11 @@ class AdaptiveDraftLength:
         decay: weight of the past in every running estimate (0 < decay < 1).
         unseen_slope: relative verify-cost growth per extra token assumed for k beyond
             the longest measured.
+        reprobe_every: every this many rounds, try a neighbour of the best k whose
+            verify time was not measured in that long.
+
+    One policy is meant to live as long as its client: the cost curve and the draft
+    speed belong to the deployment, and the acceptance estimate carries over as a prior.
     """
 
     def __init__(
@@ -133,6 +138,7 @@ class AdaptiveDraftLength:
         prior_weight: float = 3.0,
         decay: float = 0.9,
         unseen_slope: float = 0.05,
+        reprobe_every: int = 16,
     ) -> None:
         if max_k < 1:
             raise ValueError(f"max_k must be >= 1, got {max_k}")
@@ -147,6 +153,9 @@ class AdaptiveDraftLength:
         self._draft_s: float | None = None
         self._network_s: float | None = None
         self._verify_s: dict[int, float] = {}
+        self._seen_at: dict[int, int] = {}
+        self._rounds = 0
+        self.reprobe_every = reprobe_every
 
     # -- estimates -------------------------------------------------------------------
 
@@ -156,7 +165,13 @@ class AdaptiveDraftLength:
         return self._acc / (self._acc + self._rej)
 
     def verify_cost(self, k: int) -> float:
-        """Estimated cloud seconds to verify k drafts (0 before any measurement)."""
+        """Estimated cloud seconds to verify k drafts (0 before any measurement).
+
+        Between measured lengths: linear interpolation. Below the shortest measured: in
+        proportion to the tokens in the pass (k drafts + 1 pending), which is optimistic
+        for short drafts, so they get tried. Above the longest: a mild `unseen_slope`
+        per extra token, optimistic for long drafts too.
+        """
         seen = self._verify_s
         if not seen:
             return 0.0
@@ -172,7 +187,7 @@ class AdaptiveDraftLength:
             a = max(lower)
             return seen[a] * (1.0 + self.unseen_slope * (k - a))
         b = min(upper)
-        return seen[b] / (1.0 + self.unseen_slope * (b - k))
+        return seen[b] * (k + 1) / (b + 1)
 
     def expected_rate(self, k: int) -> float:
         """Expected committed tokens per second (per arbitrary unit before measurements)."""
@@ -203,6 +218,13 @@ class AdaptiveDraftLength:
             rate = self.expected_rate(k)
             if rate > best_rate * (1.0 + 1e-9):
                 best_k, best_rate = k, rate
+        # Re-probe a neighbour whose measurement went stale, so the cost curve follows
+        # the load (one round in `reprobe_every`).
+        self._rounds += 1
+        if self._rounds % self.reprobe_every == 0:
+            for k in (best_k + 1, best_k - 1):
+                if 1 <= k <= top and self._rounds - self._seen_at.get(k, -10**9) > self.reprobe_every:
+                    return k
         return best_k
 
     def update(self, observation: RoundObservation) -> None:
@@ -216,6 +238,7 @@ class AdaptiveDraftLength:
         k = observation.drafted
         if k >= 1:
             self._verify_s[k] = _ema(self._verify_s.get(k), max(0.0, observation.verify_s), 0.7)
+            self._seen_at[k] = self._rounds
 
     def __repr__(self) -> str:
         return f"AdaptiveDraftLength(alpha={self.alpha:.2f}, max_k={self.max_k})"
