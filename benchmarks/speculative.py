@@ -71,6 +71,61 @@ class Tally:
         }
 
 
+_SERVER_CODE = """
+import asyncio, sys
+import torch
+torch.set_num_threads(int(sys.argv[1]))
+from tether.cloud._config import CloudConfig
+from tether.cloud._manager import SessionManager
+from tether.cloud._server import CloudServer
+from tether.protocol import KeyPair
+from tether.runtime._loader import load_runtime
+
+async def main():
+    runtime, tokenizer = load_runtime(sys.argv[2], "torch", progress=False)
+    manager = SessionManager(runtime, tokenizer=tokenizer, config=CloudConfig(batch_window_s=0.0))
+    server = CloudServer(manager, keys=KeyPair.generate())
+    await server.start()
+    print("READY", server.url, server.keys.public.to_text(), flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process (Linux /proc)."""
+    import os
+
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class _CloudProcess:
+    """`CloudServer` in its own process (own interpreter, own torch threads), on loopback."""
+
+    def __init__(self, model: str, threads: int) -> None:
+        import subprocess
+        import sys
+
+        self.proc = subprocess.Popen([sys.executable, "-c", _SERVER_CODE, str(threads), model],
+                                     stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith("READY"):
+                _, self.url, self.key = line.split()
+                break
+        else:
+            raise RuntimeError("the cloud server process exited before it was ready")
+
+    def cpu_seconds(self) -> float:
+        return _cpu_seconds(self.proc.pid)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
 async def _client_runs(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> dict[str, list[list[int]]]:
     import torch
 
@@ -80,11 +135,25 @@ async def _client_runs(args: argparse.Namespace, results: dict[str, dict[str, An
     from tether.models import DEFAULT_CLOUD_MODEL, DEFAULT_EDGE_MODEL
     from tether.runtime._loader import load_runtime
 
-    cloud_rt, tokenizer = load_runtime(DEFAULT_CLOUD_MODEL, "torch", progress=False)
+    from tether.protocol import LinkEmulator
+
     edge = EdgeModel.load(DEFAULT_EDGE_MODEL, backend=args.edge_backend, threads=args.edge_threads, progress=False)
-    manager = SessionManager(cloud_rt, tokenizer=tokenizer, config=CloudConfig(batch_window_s=0.0))
-    await manager.start()
-    await manager.batcher.call(lambda: torch.set_num_threads(args.cloud_threads))
+    server: _CloudProcess | None = None
+    manager: Any = None
+    if args.cloud_process:
+        server = _CloudProcess(DEFAULT_CLOUD_MODEL, args.cloud_threads)
+    else:
+        cloud_rt, tokenizer = load_runtime(DEFAULT_CLOUD_MODEL, "torch", progress=False)
+        manager = SessionManager(cloud_rt, tokenizer=tokenizer, config=CloudConfig(batch_window_s=0.0))
+        await manager.start()
+        await manager.batcher.call(lambda: torch.set_num_threads(args.cloud_threads))
+
+    async def make_client(rtt_ms: int) -> EdgeClient:
+        if server is not None:
+            link = LinkEmulator.symmetric(delay=rtt_ms / 2000) if rtt_ms else None
+            return await EdgeClient.connect(server.url, server_key=server.key, edge_model=edge, link=link)
+        return EdgeClient(edge, EmulatedLink.with_rtt(InProcessCloud(manager), rtt_ms / 1000))
+
     prompts = PROMPTS[: args.prompts]
     specs = {
         "cloud": ("cloud", None),
@@ -95,17 +164,18 @@ async def _client_runs(args: argparse.Namespace, results: dict[str, dict[str, An
     cloud_outputs: dict[str, list[list[int]]] = {}
     try:
         # Warm-up: first calls pay for allocation and onnxruntime's first-run costs.
-        warm = EdgeClient(edge, InProcessCloud(manager))
+        warm = await make_client(0)
         for mode in ("edge", "speculative", "cloud"):
             await warm.generate(prompts[0], mode=mode, max_new_tokens=4)
+        await warm.aclose()
         for rtt_ms in args.rtts:
             for method in args.methods:
                 if method not in specs or (method == "edge" and rtt_ms != args.rtts[0]):
                     continue
                 mode, opts = specs[method]
-                link = EmulatedLink.with_rtt(InProcessCloud(manager), rtt_ms / 1000)
-                client = EdgeClient(edge, link)
+                client = await make_client(rtt_ms)
                 tally = Tally()
+                cpu0 = server.cpu_seconds() if server is not None else 0.0
                 for prompt in prompts:
                     r = await client.generate(prompt, mode=mode, max_new_tokens=args.max_new_tokens, speculative=opts)
                     s = r.stats
@@ -117,6 +187,9 @@ async def _client_runs(args: argparse.Namespace, results: dict[str, dict[str, An
                     tally.accepted += s.accepted_tokens
                     tally.rounds += s.rounds if mode == "speculative" else 0
                     tally.outputs.append(list(r.token_ids))
+                await client.aclose()
+                if server is not None:  # the wire carries no compute times: use the server's CPU time
+                    tally.cloud_compute_s = server.cpu_seconds() - cpu0
                 row = tally.row()
                 if method == "cloud":
                     cloud_outputs[str(rtt_ms)] = tally.outputs
@@ -128,7 +201,10 @@ async def _client_runs(args: argparse.Namespace, results: dict[str, dict[str, An
             for rtt_ms in args.rtts:
                 results["edge"][str(rtt_ms)] = results["edge"][str(args.rtts[0])]
     finally:
-        await manager.aclose()
+        if manager is not None:
+            await manager.aclose()
+        if server is not None:
+            server.close()
         edge.close()
     return cloud_outputs
 
@@ -223,7 +299,8 @@ def _markdown(report: dict[str, Any]) -> str:
         f"Command: `{cond['command']}`. Conditions: {cond['machine']}; greedy; {cond['prompts']} chat prompts, "
         f"{cond['max_new_tokens']} new tokens each; edge `{cond['edge_model']}` on `{cond['edge_backend']}` "
         f"({cond['edge_threads']} thread), cloud `{cond['cloud_model']}` on torch fp32 ({cond['cloud_threads']} thread), "
-        "both in one process sharing the CPU; link emulated per request (half the RTT each way); "
+        f"cloud in its {cond['cloud_placement']}; both share the one 2-core CPU; half the RTT each way; "
+        f"cloud s/token = {cond['cloud_compute']}; "
         "transformers' assisted generation runs both models in one process with no network "
         f"({cond['cloud_threads']} thread) and is shown at every RTT. One run; rough numbers.",
         "",
@@ -282,6 +359,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--edge-backend", default="onnx-int4")
     parser.add_argument("--edge-threads", type=int, default=1)
     parser.add_argument("--cloud-threads", type=int, default=1)
+    parser.add_argument("--in-process", dest="cloud_process", action="store_false",
+                        help="run the cloud in this process (default: its own process, over the encrypted protocol)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "speculative.json")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs")
     parser.add_argument("--no-docs", action="store_true", help="write the JSON only")
@@ -312,6 +391,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "edge_threads": args.edge_threads,
             "cloud_model": DEFAULT_CLOUD_MODEL,
             "cloud_threads": args.cloud_threads,
+            "cloud_placement": ("own process, encrypted protocol on loopback, link emulated in the protocol adapter"
+                                if args.cloud_process else "same process, link emulated per session request"),
+            "cloud_compute": ("server process CPU seconds" if args.cloud_process
+                              else "compute seconds the cloud reports per forward pass"),
             "decoding": "greedy",
             "seconds": round(time.time() - t0, 1),
         },

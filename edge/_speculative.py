@@ -263,6 +263,10 @@ class SpeculativeStrategy:
         self._sync_edge_stats()
         self.stats.record_round(drafted=len(block), accepted=n_acc)
         verify_s = res.compute_s + res.queue_s
+        if verify_s <= 0.0:
+            # The backend does not report its compute time (e.g. over the wire): the
+            # whole wall time counts as verify time, which ranks k the same way.
+            verify_s = scored.wall_s
         self.policy.update(
             RoundObservation(
                 drafted=len(block),
