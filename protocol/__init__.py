@@ -98,16 +98,8 @@ from tether.protocol._session import (
     State,
 )
 from tether.protocol._tensors import DType, Tensor
-from tether.protocol._ws import (
-    Connection,
-    ReplyStream,
-    Request,
-    RequestFailed,
-    Server,
-    ServerConnection,
-    connect,
-    serve,
-)
+from tether.protocol._client import Connection, ReplyStream, connect
+from tether.protocol._server import Request, RequestFailed, Server, ServerConnection, serve
 
 __all__ = [
     "CATALOGUE",

@@ -129,3 +129,4 @@ def test_cli_generate_show_allow(cli: typer.Typer, tmp_path: Path) -> None:
     assert allowed.exit_code == 0 and keys.public in Allowlist.from_file(allowlist)
     twice = runner.invoke(cli, ["keys", "allow", str(keys.public), "--allowlist", str(allowlist)])
     assert "already allowed" in twice.output
+

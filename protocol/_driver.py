@@ -1,0 +1,386 @@
+"""The asyncio driver of one connection: feeds a websocket into a sans-I/O protocol.
+
+What belongs here: tasks, timers, futures and worker threads around one ClientProtocol or
+ServerProtocol; nothing the protocol decides. Peer misbehaviour never escapes as an
+exception: it closes the connection with the error's close code and logs one line, without
+the error text going on the wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from tether.protocol._errors import ChannelError, CloseCode, ProtocolError, UsageError
+from tether.protocol._frames import EncodedFrame
+from tether.protocol._limits import Limits
+from tether.protocol._link import Shaper
+from tether.protocol._session import ClientProtocol, ServerProtocol, State
+from tether.protocol._transport import RECORD_OVERHEAD, Transport
+from tether.protocol._ws import ConnectionClosed, WebSocket, close_info, raise_message_limit
+
+log = logging.getLogger("tether.protocol")
+
+_OVERSIZE_SLACK = 1024 * 1024
+
+
+def _ws_max_size(limits: Limits) -> int:
+    """The websocket message limit once authenticated: the frame limit plus the record
+    overhead plus slack, so that a moderately oversized record reaches the record layer and
+    closes with FRAME_TOO_LARGE (4030); anything larger is refused by the websocket layer
+    itself with 1009 before it is buffered."""
+    return limits.max_frame_bytes + RECORD_OVERHEAD + _OVERSIZE_SLACK
+
+
+def _raise_ws_limit(ws: WebSocket, limits: Limits) -> None:
+    """Lift the handshake-time message limit to the transport limit (authenticated peers only)."""
+    raise_message_limit(ws, _ws_max_size(limits))
+
+
+def _code_name(code: int | None) -> str:
+    try:
+        return CloseCode(code or 0).name
+    except ValueError:
+        return str(code)
+
+
+_OFFLOAD_BYTES = 256 * 1024  # records at least this large are encrypted/decrypted off the loop
+_PIPELINE_DEPTH = 8  # received records checked and being decrypted ahead of the consumer
+_POOL: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _crypto_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """Threads for ChaCha20-Poly1305 on large records (`cryptography` releases the GIL there)."""
+    global _POOL
+    if _POOL is None:
+        _POOL = concurrent.futures.ThreadPoolExecutor(
+            max_workers=min(8, os.cpu_count() or 2), thread_name_prefix="tether-crypto"
+        )
+    return _POOL
+
+
+class _Driver:
+    """Pumps one websocket through one sans-I/O protocol: sending, receiving, timers."""
+
+    def __init__(
+        self,
+        ws: WebSocket,
+        protocol: ClientProtocol | ServerProtocol,
+        *,
+        shapers: tuple[Shaper | None, Shaper | None],
+        describe: str,
+    ) -> None:
+        self.ws = ws
+        self.protocol = protocol
+        self.describe = describe
+        self._out_shaper, self._in_shaper = shapers
+        self._sender_task: asyncio.Task[None] | None = None
+        self._kick = asyncio.Event()
+        self._flush_waiters: list[asyncio.Future[None]] = []
+        self._out_queue: asyncio.Queue[tuple[float, bytes | bytearray] | None] | None = None
+        self._out_task: asyncio.Task[None] | None = None
+        self._in_queue: asyncio.Queue[tuple[float, bytes] | None] | None = None
+        self._pipeline: asyncio.Queue[Any] = asyncio.Queue()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._lost_exc: ConnectionClosed | None = None
+        self.on_events: Callable[[list[Any]], None] = lambda events: None
+        self.on_closed: Callable[[ChannelError], None] = lambda exc: None
+        self.closed = asyncio.Event()
+        self.close_exc: ChannelError | None = None
+        self.close_code: int | None = None
+
+    def _spawn(self, coro: Any) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # ---- sending
+
+    async def flush(self) -> None:
+        """Wait until everything the protocol has queued so far is sealed and sent.
+
+        The work is done by one sender task per connection, so a caller cancelled while
+        waiting never leaves a sealed record unsent (which would break the counter order).
+
+        Raises:
+            ConnectionClosed: the websocket closed before the data was sent.
+        """
+        if self.closed.is_set() or (self._sender_task is not None and self._sender_task.done()):
+            return  # the connection is over: callers learn it from their own waiters
+        if self._sender_task is None:
+            self._sender_task = asyncio.get_running_loop().create_task(self._sender())
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._flush_waiters.append(waiter)
+        self._kick.set()
+        await waiter
+
+    def flush_soon(self) -> None:
+        """Start sending what is queued without waiting (for callers that must not await)."""
+        if self.closed.is_set():
+            return
+        if self._sender_task is None:
+            self._sender_task = asyncio.get_running_loop().create_task(self._sender())
+        self._kick.set()
+
+    async def _sender(self) -> None:
+        """Seal and send queued output in order, forever (cancelled when the connection ends).
+
+        Large frames are sealed in a worker thread (`cryptography` releases the GIL), and the
+        next frame is sealed while the previous record is being written, so encryption
+        overlaps the websocket's own work. Sealing stays sequential (nonce order).
+        """
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._kick.wait()
+            self._kick.clear()
+            waiters, self._flush_waiters = self._flush_waiters, []
+            error: BaseException | None = None
+            sending: asyncio.Future[None] | None = None
+            try:
+                for item in self.protocol.pending_output():
+                    if not isinstance(item, EncodedFrame):
+                        records: list[Any] = [item]
+                    elif item.size >= _OFFLOAD_BYTES:
+                        records = await loop.run_in_executor(_crypto_pool(), self.protocol.seal, item)
+                    else:
+                        records = self.protocol.seal(item)
+                    if sending is not None:
+                        await sending
+                    sending = asyncio.ensure_future(self._send_records(records))
+                if sending is not None:
+                    await sending
+            except ConnectionClosed as exc:
+                error = exc
+            except asyncio.CancelledError:
+                if sending is not None:
+                    sending.cancel()
+                for waiter in waiters + self._flush_waiters:
+                    if not waiter.done():
+                        waiter.cancel()
+                raise
+            for waiter in waiters:
+                if not waiter.done():
+                    if error is None:
+                        waiter.set_result(None)
+                    else:
+                        waiter.set_exception(error)
+
+    async def _send_records(self, records: list[Any]) -> None:
+        for record in records:
+            await self._send_record(record)
+
+    async def _send_record(self, record: bytes | bytearray) -> None:
+        if self._out_shaper is None:
+            await self.ws.send(record)
+            return
+        if self._out_queue is None:
+            self._out_queue = asyncio.Queue()
+            self._out_task = asyncio.get_running_loop().create_task(self._out_pump())
+        self._out_queue.put_nowait((self._out_shaper.schedule(len(record), time.monotonic()), record))
+
+    async def _out_pump(self) -> None:
+        assert self._out_queue is not None
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                item = await self._out_queue.get()
+                if item is None:
+                    return
+                at, record = item
+                delay = at - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                await self.ws.send(record)
+
+    async def _drain_out(self, timeout: float = 10.0) -> None:
+        """Wait until emulated-link sends are on the wire (before closing)."""
+        if self._out_queue is not None and self._out_task is not None:
+            self._out_queue.put_nowait(None)
+            await asyncio.wait([self._out_task], timeout=timeout)
+
+    # ---- receiving
+
+    async def recv_handshake(self) -> bytes:
+        """One message during the handshake (link delay applied)."""
+        data = await self.ws.recv(decode=False)
+        if isinstance(data, str):
+            raise ProtocolError("text message on a binary protocol")
+        if self._in_shaper is not None:
+            delay = self._in_shaper.schedule(len(data), time.monotonic()) - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        return data
+
+    def start(self) -> None:
+        """Start the background reader, the in-order consumer and the timer (after the handshake).
+
+        Receiving is a pipeline: the reader checks each record's header as it arrives and
+        starts decrypting large ones in a worker thread; the consumer finishes records in
+        arrival order. Several large records are decrypted at once while the event loop
+        keeps reading.
+        """
+        self._pipeline = asyncio.Queue(maxsize=_PIPELINE_DEPTH)
+        if self._in_shaper is not None:
+            self._in_queue = asyncio.Queue()
+            self._spawn(self._deliver())
+        self._spawn(self._reader())
+        self._spawn(self._consumer())
+        self._spawn(self._timer())
+
+    async def _reader(self) -> None:
+        try:
+            while True:
+                data = await self.ws.recv(decode=False)
+                if isinstance(data, str):
+                    await self.abort(ProtocolError("text message on a binary protocol"))
+                    return
+                if self._in_queue is not None:
+                    assert self._in_shaper is not None
+                    self._in_queue.put_nowait((self._in_shaper.schedule(len(data), time.monotonic()), data))
+                elif not await self._ingest(data):
+                    return
+        except ConnectionClosed as exc:
+            self._lost_exc = exc
+            if self._in_queue is not None:
+                self._in_queue.put_nowait(None)  # the deliverer forwards the end after queued messages
+            else:
+                await self._pipeline.put(None)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug here must not take the server down
+            log.exception("%s: reader failed", self.describe)
+            await self.abort(ChannelError(f"internal error: {type(exc).__name__}"), code=CloseCode.INTERNAL_ERROR)
+
+    async def _deliver(self) -> None:
+        """Emulated downlink: hand records on at their arrival time."""
+        assert self._in_queue is not None
+        while True:
+            item = await self._in_queue.get()
+            if item is None:
+                await self._pipeline.put(None)
+                return
+            at, data = item
+            delay = at - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if not await self._ingest(data):
+                return
+
+    async def _ingest(self, data: bytes) -> bool:
+        """Check a record's header now and start decrypting it; the consumer finishes it."""
+        try:
+            prepared = self.protocol.prepare_record(data)
+        except ChannelError as exc:
+            await self.abort(exc, already_failed=True)
+            return False
+        future: asyncio.Future[Any] | None = None
+        if len(data) >= _OFFLOAD_BYTES:
+            future = asyncio.get_running_loop().run_in_executor(_crypto_pool(), Transport.decrypt_prepared, prepared)
+        await self._pipeline.put((prepared, future))
+        return True
+
+    async def _consumer(self) -> None:
+        protocol = self.protocol
+        try:
+            while True:
+                item = await self._pipeline.get()
+                if item is None:
+                    self._lost()
+                    return
+                prepared, future = item
+                outcome = await future if future is not None else Transport.decrypt_prepared(prepared)
+                try:
+                    events = protocol.receive_prepared(prepared, outcome)
+                except ChannelError as exc:
+                    await self.abort(exc, already_failed=True)
+                    return
+                if events:
+                    self.on_events(events)
+                if protocol.has_data_to_send():
+                    with contextlib.suppress(ConnectionClosed):
+                        await self.flush()
+                if protocol.state is State.CLOSED:
+                    # The peer said Goodbye: echo its code on the websocket and finish.
+                    code = protocol.close_code or int(CloseCode.NORMAL)
+                    self._finish(protocol.connection_lost(code, _code_name(code)), code)
+                    with contextlib.suppress(Exception):
+                        await self.ws.close(code, _code_name(code))
+                    return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("%s: consumer failed", self.describe)
+            await self.abort(ChannelError(f"internal error: {type(exc).__name__}"), code=CloseCode.INTERNAL_ERROR)
+
+    async def _timer(self) -> None:
+        protocol = self.protocol
+        while protocol.state is State.OPEN:
+            deadline = protocol.next_deadline()
+            await asyncio.sleep(1.0 if deadline is None else max(0.0, deadline - protocol.clock()))
+            if protocol.state is not State.OPEN:
+                return
+            try:
+                protocol.poll()
+            except ChannelError as exc:
+                await self.abort(exc, already_failed=True)
+                return
+            with contextlib.suppress(ConnectionClosed):
+                await self.flush()
+
+    # ---- closing
+
+    async def abort(self, exc: ChannelError, *, already_failed: bool = False, code: int | None = None) -> None:
+        """Close because of `exc`: log it, send the Goodbye the protocol queued, close with its code."""
+        if not already_failed:
+            self.protocol._fail(exc)
+        close_code = int(code or self.protocol.close_code or exc.close_code or CloseCode.INTERNAL_ERROR)
+        log.warning("%s: closing with %s (%d): %s", self.describe, _code_name(close_code), close_code, exc)
+        with contextlib.suppress(Exception):
+            await self.flush()
+            await self._drain_out()
+        self._finish(exc, close_code)
+        with contextlib.suppress(Exception):
+            await self.ws.close(close_code, _code_name(close_code))
+
+    async def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        """Graceful close: Goodbye inside the channel, then the websocket close."""
+        if self.closed.is_set():
+            return
+        self.protocol.send_goodbye(code, reason)
+        with contextlib.suppress(Exception):
+            await self.flush()
+            await self._drain_out()
+        self._finish(UsageError("the connection was closed by this side"), int(code))
+        with contextlib.suppress(Exception):
+            await self.ws.close(int(code), _code_name(code))
+
+    def _lost(self) -> None:
+        code, reason = close_info(self._lost_exc) if self._lost_exc is not None else (int(CloseCode.ABNORMAL), "")
+        self._finish(self.protocol.connection_lost(code, reason), code)
+
+    def _finish(self, exc: ChannelError, code: int) -> None:
+        if self.closed.is_set():
+            return
+        self.close_exc = exc
+        self.close_code = code
+        self.closed.set()
+        self.on_closed(exc)
+        current = asyncio.current_task()
+        for task in list(self._tasks):
+            if task is not current and not task.done():
+                task.cancel()
+        if self._out_task is not None and self._out_task is not current and not self._out_task.done():
+            self._out_task.cancel()
+        if self._sender_task is not None and self._sender_task is not current and not self._sender_task.done():
+            self._sender_task.cancel()
+
+    async def wait_closed(self) -> None:
+        await self.closed.wait()
+
+
