@@ -24,10 +24,13 @@ from __future__ import annotations
 import math
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
+
+if TYPE_CHECKING:
+    from tether.protocol import Tensor
 
 FinishReason = Literal["stop", "length"]
 """Why a generation ended: a stop/eos id was produced, or the token budget ran out."""
@@ -410,13 +413,17 @@ class CloudSessionAPI(Protocol):
         ...
 
     async def continue_hidden(
-        self, hidden: npt.NDArray[np.floating[Any]], *, layer: int, top_k: int = 0
+        self, hidden: npt.NDArray[np.floating[Any]] | Tensor, *, layer: int, top_k: int = 0
     ) -> HiddenResult:
         """Split computing: continue the same model from hidden states at layer `layer`.
 
         Args:
             hidden: [n, hidden_size] outputs of layers [0, layer) for the next n positions
-                (the edge runs the first `layer` layers of the *same* model).
+                (the edge runs the first `layer` layers of the *same* model), as a float
+                array or as a `tether.protocol.Tensor` in a compressed wire dtype (fp16,
+                bf16, int8 per row, int4 per group), which remote backends send as is.
+                Several positions in one call are how the edge catches the cloud up on
+                positions it answered itself (split-mode early exit).
             layer: the split point, 0 < layer < num_layers; fixed for the session after
                 the first call. A session used this way cannot verify/score/generate.
             top_k: also return the top-k of the next-token distribution.

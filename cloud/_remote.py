@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -38,6 +38,9 @@ from tether.cloud._errors import (
     SessionNotOpen,
     UnsupportedOperation,
 )
+
+if TYPE_CHECKING:
+    from tether.protocol import Tensor
 
 
 def _capabilities(names: Sequence[str]) -> Capabilities:
@@ -265,16 +268,24 @@ class RemoteCloudSession:
             raise _cloud_error(exc) from exc
 
     async def continue_hidden(
-        self, hidden: npt.NDArray[np.floating[Any]], *, layer: int, top_k: int = 0
+        self, hidden: npt.NDArray[np.floating[Any]] | Tensor, *, layer: int, top_k: int = 0
     ) -> HiddenResult:
         from tether.protocol import ContinueHidden, Tensor
+        from tether.protocol._messages import COMPRESSIONS
 
-        arr = np.asarray(hidden)
-        compression = "fp16" if arr.dtype == np.float16 else "none"
-        if compression == "none":
-            arr = arr.astype(np.float32, copy=False)
+        if isinstance(hidden, Tensor):  # already in a wire dtype (compressed by the edge): sent as is
+            names = {dtype: name for name, dtype in COMPRESSIONS.items()}
+            if hidden.dtype not in names:
+                raise InvalidRequest(f"hidden states cannot travel as {hidden.dtype.name}")
+            compression, tensor = names[hidden.dtype], hidden
+        else:
+            arr = np.asarray(hidden)
+            compression = "fp16" if arr.dtype == np.float16 else "none"
+            if compression == "none":
+                arr = arr.astype(np.float32, copy=False)
+            tensor = Tensor.from_numpy(np.ascontiguousarray(arr))
         reply = await self._request(ContinueHidden(session_id=self._sid(), layer=layer, compression=compression,
-                                                   top_k=top_k, hidden=Tensor.from_numpy(np.ascontiguousarray(arr))))
+                                                   top_k=top_k, hidden=tensor))
         self._length = reply.length
         ti: tuple[int, ...] = ()
         tl: tuple[float, ...] = ()

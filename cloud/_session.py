@@ -50,6 +50,7 @@ from tether.runtime import KVState, LayerwiseLM
 
 if TYPE_CHECKING:
     from tether.cloud._manager import SessionManager
+    from tether.protocol import Tensor
 
 log = logging.getLogger("tether.cloud.session")
 
@@ -459,7 +460,7 @@ class CloudSession:
             return length
 
     async def continue_hidden(
-        self, hidden: npt.NDArray[np.floating[Any]], *, layer: int, top_k: int = 0
+        self, hidden: npt.NDArray[np.floating[Any]] | Tensor, *, layer: int, top_k: int = 0
     ) -> HiddenResult:
         async with self._op("continue_hidden"):
             model = self._m.model
@@ -473,7 +474,10 @@ class CloudSession:
                     raise InvalidRequest(f"split layer must be in [1, {info.num_layers - 1}], got {layer}")
             elif layer != self._split_layer:
                 raise InvalidRequest(f"this session splits at layer {self._split_layer}, got {layer}")
-            arr = np.asarray(hidden)
+            from tether.protocol import Tensor as WireTensor
+
+            # A wire tensor (compressed hidden states from the edge) decodes to float32 here.
+            arr = hidden.numpy() if isinstance(hidden, WireTensor) else np.asarray(hidden)
             if arr.ndim != 2 or arr.shape[1] != info.hidden_size or arr.shape[0] == 0:
                 raise InvalidRequest(f"hidden states must be [n >= 1, {info.hidden_size}], got {tuple(arr.shape)}")
             if not np.issubdtype(arr.dtype, np.floating) or not np.isfinite(arr).all():

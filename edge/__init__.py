@@ -6,6 +6,10 @@ drafts, the cloud verifies a block per forward pass: the cloud model's output at
 fraction of its cost). Every token is tagged with its `Origin`; every generation carries
 `GenerationStats`.
 
+``mode="split"`` runs the first k layers of the cloud's model on the device and sends only
+hidden states (compressed; `SplitOptions`), with optional early exit on the device
+(docs/split.md: what leaves the device, and why hidden states are not a privacy guarantee).
+
 `EdgeClient.ask(task, documents=[...], mode="minion" | "minions")` answers questions about
 private documents that never leave the device: the cloud model plans, the edge model reads
 (Minion / MinionS; see docs/minions.md for exactly what is sent).
@@ -38,13 +42,20 @@ from tether.edge._link import EmulatedLink, LinkSevered
 from tether.edge._loop import Generation
 from tether.edge._remote import CloudConnector, ResilienceOptions
 from tether.edge._speculative import SpeculativeOptions
+from tether.edge._exit_head import CalibrationPoint, ExitHead
+from tether.edge._hidden_codec import COMPRESSIONS
+from tether.edge._partition import PartitionProfile, PartitionReport, choose_partition
+from tether.edge._split import SplitOptions, SplitStats
+from tether.edge._split_model import SplitModel
 from tether.edge._stats import GenerationStats
 from tether.edge._types import MODES, GenerationResult, Origin, StreamToken
 
 __all__ = [
+    "COMPRESSIONS",
     "MODES",
     "AdaptiveDraftLength",
     "AskResult",
+    "CalibrationPoint",
     "ChatModel",
     "Chunk",
     "ChunkSelector",
@@ -59,6 +70,7 @@ __all__ = [
     "EdgeError",
     "EdgeModel",
     "EmulatedLink",
+    "ExitHead",
     "FixedDraftLength",
     "Generation",
     "GenerationResult",
@@ -73,6 +85,8 @@ __all__ = [
     "MinionsOptions",
     "OpenAIChat",
     "Origin",
+    "PartitionProfile",
+    "PartitionReport",
     "PlanError",
     "PlanLimits",
     "PriceTable",
@@ -84,8 +98,12 @@ __all__ = [
     "RoundObservation",
     "SessionChat",
     "SpeculativeOptions",
+    "SplitModel",
+    "SplitOptions",
+    "SplitStats",
     "StreamToken",
     "SyncGeneration",
     "WorkerResult",
     "chunk_documents",
+    "choose_partition",
 ]

@@ -29,6 +29,8 @@ from tether.edge._proposer import DraftSettings, EdgeDrafter
 from tether.edge._remote import CloudConnector, CloudLink, ResilienceOptions
 from tether.edge._routing_strategies import ROUTING_MODES, RoutingStats, build_routing_strategy, query_text
 from tether.edge._speculative import CloudScorer, SpeculativeOptions, SpeculativeStrategy
+from tether.edge._split import SplitOptions, SplitStats, SplitStrategy
+from tether.edge._split_model import SplitModel, SplitModelSource
 from tether.edge._stats import GenerationStats
 from tether.edge._strategies import CloudStrategy, EdgeFallback, EdgeStrategy, Strategy
 from tether.edge._text import Prompt, build_prompt
@@ -51,6 +53,10 @@ class EdgeClient:
         mode: the default mode of `generate` / `stream`.
         speculative: default speculative settings (draft length policy, pipelining).
         resilience: timeouts and what to do when the cloud is unreachable.
+        routing: default routing settings (route-query / route-token modes).
+        split: default split settings (``mode="split"``: split layer, compression, early exit).
+        split_model: the device's half of the cloud's model for split mode (`SplitModel.load`);
+            None shares the cloud's model when the cloud runs in this process (`local`).
 
     Most apps use `EdgeClient.local()` or `EdgeClient.connect(url, server_key=...)`.
     """
@@ -64,6 +70,8 @@ class EdgeClient:
         speculative: SpeculativeOptions | None = None,
         resilience: ResilienceOptions | None = None,
         routing: RoutingOptions | None = None,
+        split: SplitOptions | None = None,
+        split_model: SplitModel | None = None,
     ) -> None:
         _check_mode(mode)
         self.edge = edge
@@ -72,6 +80,8 @@ class EdgeClient:
         self.speculative = speculative or SpeculativeOptions()
         self.routing = routing or RoutingOptions()
         self.resilience = resilience or ResilienceOptions()
+        self.split = split or SplitOptions()
+        self._split_source = SplitModelSource(split_model, cloud)
         self._closed = False
 
     # -- constructors ------------------------------------------------------------------
@@ -97,6 +107,8 @@ class EdgeClient:
         mode: str = "speculative",
         speculative: SpeculativeOptions | None = None,
         resilience: ResilienceOptions | None = None,
+        split: SplitOptions | None = None,
+        split_model: SplitModel | None = None,
     ) -> EdgeClient:
         """The embedded default: the edge model here and the cloud service in this process.
 
@@ -110,7 +122,8 @@ class EdgeClient:
             edge_backend: runtime backend of the edge (``"torch"``, ``"onnx-int4"``, ...).
             edge_threads, cloud_threads: torch/onnx threads for each side (None: default).
             link: emulate a network between edge and cloud (tests, benchmarks).
-            mode, speculative, resilience: as for the constructor.
+            mode, speculative, resilience, split, split_model: as for the constructor
+                (split mode shares the in-process cloud model unless `split_model` is given).
         """
         edge = edge_model if isinstance(edge_model, EdgeModel) else EdgeModel.load(
             edge_model, backend=edge_backend, threads=edge_threads
@@ -122,7 +135,8 @@ class EdgeClient:
         cloud: CloudConnector = LazyCloud(build)
         if link is not None:
             cloud = EmulatedLink(cloud, link)
-        client = cls(edge, cloud, mode=mode, speculative=speculative, resilience=resilience)
+        client = cls(edge, cloud, mode=mode, speculative=speculative, resilience=resilience, split=split,
+                     split_model=split_model)
         return client
 
     @classmethod
@@ -140,6 +154,8 @@ class EdgeClient:
         mode: str = "speculative",
         speculative: SpeculativeOptions | None = None,
         resilience: ResilienceOptions | None = None,
+        split: SplitOptions | None = None,
+        split_model: SplitModel | None = None,
     ) -> EdgeClient:
         """Connect to a `tether serve` cloud over the encrypted protocol.
 
@@ -154,7 +170,8 @@ class EdgeClient:
             client_keys: this device's `KeyPair` or key file (None: an ephemeral key).
             token: bearer token the server may require.
             link: emulate delay / jitter / bandwidth on the connection.
-            mode, speculative, resilience: as for the constructor.
+            mode, speculative, resilience, split: as for the constructor.
+            split_model: the device's half of the server's model; needed for ``mode="split"``.
 
         Raises:
             tether.cloud.CloudError: the server cannot be reached or refused the client.
@@ -169,7 +186,8 @@ class EdgeClient:
         except BaseException:
             await cloud.aclose()
             raise
-        return cls(edge, cloud, mode=mode, speculative=speculative, resilience=resilience)
+        return cls(edge, cloud, mode=mode, speculative=speculative, resilience=resilience, split=split,
+                   split_model=split_model)
 
     async def warm_up(self) -> None:
         """Start the cloud now if it is started lazily (no-op otherwise)."""
@@ -190,6 +208,7 @@ class EdgeClient:
         if self._closed:
             return
         self._closed = True
+        self._split_source.close()
         if self.cloud is not None:
             await self.cloud.aclose()
 
@@ -210,6 +229,7 @@ class EdgeClient:
         system: str | None = None,
         speculative: SpeculativeOptions | None = None,
         routing: RoutingOptions | None = None,
+        split: SplitOptions | None = None,
     ) -> Generation:
         """Start a generation and iterate its tokens as they are committed.
 
@@ -233,7 +253,13 @@ class EdgeClient:
             )
         stops = [stop] if isinstance(stop, str) else list(stop or ())
         prompt_ids = build_prompt(self.edge.tokenizer, prompt, chat_template=chat_template, system=system)
-        stats = RoutingStats(mode=mode) if mode in ROUTING_MODES else GenerationStats(mode=mode)
+        stats: GenerationStats
+        if mode in ROUTING_MODES:
+            stats = RoutingStats(mode=mode)
+        elif mode == "split":
+            stats = SplitStats(mode=mode)
+        else:
+            stats = GenerationStats(mode=mode)
         strategy = self._build(
             mode,
             stats=stats,
@@ -243,6 +269,7 @@ class EdgeClient:
             speculative=speculative or self.speculative,
             routing=routing or self.routing,
             prompt=prompt,
+            split=split or self.split,
         )
         return Generation(
             strategy,
@@ -269,14 +296,15 @@ class EdgeClient:
         system: str | None = None,
         speculative: SpeculativeOptions | None = None,
         routing: RoutingOptions | None = None,
+        split: SplitOptions | None = None,
     ) -> GenerationResult:
         """Generate a completion.
 
         Args:
             prompt: a string (sent through the chat template when the tokenizer has one)
                 or OpenAI-style messages.
-            mode: ``"edge"``, ``"cloud"``, ``"speculative"``, ``"route-query"`` or
-                ``"route-token"`` (default: the client's).
+            mode: ``"edge"``, ``"cloud"``, ``"speculative"``, ``"route-query"``,
+                ``"route-token"`` or ``"split"`` (default: the client's).
             max_new_tokens: the most tokens to generate.
             temperature: 0 (default) for greedy decoding; > 0 samples. Speculative
                 output has exactly the cloud model's distribution either way.
@@ -288,6 +316,9 @@ class EdgeClient:
             speculative: per-call speculative settings.
             routing: per-call routing settings (``route-query`` / ``route-token``: the
                 router and its threshold or cloud fraction; see `tether.routing`).
+            split: per-call split settings (``split``: the split layer or ``"auto"``, the
+                hidden-state compression, early exit; see `SplitOptions`). Split mode sends
+                hidden states, never token ids (docs/split.md).
 
         Returns:
             `GenerationResult` with text, token ids, origins, finish reason and stats.
@@ -299,7 +330,7 @@ class EdgeClient:
         gen = self.stream(
             prompt, mode=mode, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
             top_k=top_k, seed=seed, stop=stop, chat_template=chat_template, system=system,
-            speculative=speculative, routing=routing,
+            speculative=speculative, routing=routing, split=split,
         )
         return await gen.collect()
 
@@ -377,6 +408,7 @@ class EdgeClient:
         speculative: SpeculativeOptions,
         routing: RoutingOptions | None = None,
         prompt: Prompt = "",
+        split: SplitOptions | None = None,
     ) -> Strategy:
         edge_seed = None if seed is None else (seed * 1_000_003 + 7) % (2**63)
         drafter = EdgeDrafter(self.edge.runtime, settings, make_generator(edge_seed))
@@ -393,6 +425,16 @@ class EdgeClient:
 
         if mode == "cloud":
             return make_cloud()
+        if mode == "split":
+            assert isinstance(stats, SplitStats)
+            # No committed ids for the link: a split session is never sent token ids, and a
+            # fresh session after a reconnect is refilled with hidden rows by the strategy.
+            split_link = CloudLink(self.cloud, sampling, self.resilience, stats, lambda: ())
+            return SplitStrategy(
+                source=self._split_source, link=split_link, fallback=fallback, options=split or self.split,
+                stats=stats, temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
+                generator=make_generator(edge_seed),
+            )
         if mode in ROUTING_MODES:
             cloud = self.cloud
             return build_routing_strategy(

@@ -25,6 +25,8 @@ class Origin(str, enum.Enum):
       cloud mode while the cloud was unreachable).
     - ``EDGE_ROUTED``: produced by the edge because a router judged it good enough
       (route-query / route-token modes); the cloud did not check it.
+    - ``EDGE_EXIT``: produced on the device by early exit at the split layer (split mode):
+      the exit head was confident enough; the cloud did not choose it.
     """
 
     EDGE_ACCEPTED = "edge-accepted"
@@ -32,12 +34,13 @@ class Origin(str, enum.Enum):
     CLOUD_GENERATED = "cloud-generated"
     EDGE_ONLY = "edge-only"
     EDGE_ROUTED = "edge-routed"
+    EDGE_EXIT = "edge-exit"
 
 
-Mode = Literal["edge", "cloud", "speculative", "route-query", "route-token"]
+Mode = Literal["edge", "cloud", "speculative", "route-query", "route-token", "split"]
 """Generation modes; later issues add routing, split and minions through the same API."""
 
-MODES: tuple[str, ...] = ("edge", "cloud", "speculative", "route-query", "route-token")
+MODES: tuple[str, ...] = ("edge", "cloud", "speculative", "route-query", "route-token", "split")
 
 FinishReason = Literal["stop", "length"]
 """``"stop"``: an end-of-sequence token or a stop string; ``"length"``: `max_new_tokens` reached."""
