@@ -204,8 +204,8 @@ class Tensor:
     def int4_grouped(cls, array: np.ndarray) -> Tensor:
         """Symmetric int4 per group of 32 along the last axis: scale = max|group| / 7 (float16).
 
-        The last axis must be a multiple of 32. Groups whose peak is 0 get scale 1; a
-        scale that would overflow float16 is clipped to its largest finite value.
+        The last axis must be a multiple of 32. Groups whose peak is 0 get scale 1; scales are
+        clipped into float16's normal range (a tiny group quantizes to zeros, a huge one saturates).
         """
         values = np.asarray(array, dtype=np.float32)
         if values.ndim < 1 or values.shape[-1] % INT4_GROUP:
@@ -215,7 +215,9 @@ class Tensor:
         grouped = values.reshape(values.shape[:-1] + (values.shape[-1] // INT4_GROUP, INT4_GROUP))
         peak = np.max(np.abs(grouped), axis=-1)
         scales = np.where(peak > 0, peak / 7.0, 1.0)
-        scales = np.minimum(scales, np.finfo(np.float16).max).astype(np.float16)
+        # Clamp into float16's normal range: a tiny peak would otherwise round to a zero scale.
+        half = np.finfo(np.float16)
+        scales = np.clip(scales, half.tiny, half.max).astype(np.float16)
         quantized = np.clip(np.rint(grouped / scales.astype(np.float32)[..., None]), -7, 7).astype(np.int16) + 8
         flat = quantized.reshape(values.shape).astype(np.uint8)
         packed = (flat[..., 0::2] | (flat[..., 1::2] << 4)).astype(np.uint8)

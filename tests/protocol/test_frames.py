@@ -244,3 +244,19 @@ def test_int8_rowwise_and_bf16_layouts() -> None:
     decoded = decode_frame(raw, LIMITS).message
     assert isinstance(decoded, ContinueHidden) and decoded.hidden.dtype is DType.INT8_ROWWISE
     assert np.allclose(decoded.hidden.numpy(), values, atol=2.0 / 127)
+
+
+def test_int4_grouped_tiny_and_huge_groups_stay_finite() -> None:
+    import warnings
+
+    values = np.zeros((3, 32), np.float32)
+    values[0, :] = 1e-9  # a scale of peak / 7 would underflow float16 to zero
+    values[1, :] = np.linspace(-1, 1, 32)
+    values[2, 0] = 1e9  # would overflow float16
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tensor = Tensor.int4_grouped(values)
+        decoded = tensor.numpy()
+    assert np.all(np.isfinite(decoded))
+    assert np.allclose(decoded[0], 0, atol=1e-3)
+    assert np.allclose(decoded[1], values[1], atol=1 / 7)
