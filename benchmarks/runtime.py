@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import typer
+
 NAME = "runtime"
 EDGE_BACKENDS = ("torch", "onnx-fp32", "onnx-int8", "onnx-int4")
 TARGET_RATIO = 3.0  # the onnxruntime edge backend should decode >= 3x faster than torch fp32
@@ -334,10 +336,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return report
 
 
-def register(bench_app: Any) -> None:
+def register(bench_app: typer.Typer) -> None:
     """Add `tether bench runtime` (options as for ``python -m tether.benchmarks.runtime``)."""
-    import typer
-
     @bench_app.command(
         NAME,
         context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},

@@ -29,6 +29,7 @@ _BENCH_MODULES: tuple[str, ...] = (
     "tether.benchmarks.speculative",
     "tether.benchmarks.routing",
     "tether.benchmarks.minions",
+    "tether.benchmarks.runtime",
 )
 
 bench_app = typer.Typer(
