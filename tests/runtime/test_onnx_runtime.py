@@ -306,3 +306,35 @@ def test_real_int4_drafts_coherently_and_agrees_with_torch() -> None:
     reference = greedy(torch_model, 6)
     assert drafted[:4] == reference[:4], (tokenizer.decode(drafted[:6]), tokenizer.decode(reference))
     assert json.loads((onnx.build_dir / "build.json").read_text())["precision"] == "int4"  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------------------- the benchmark's report
+
+
+def test_benchmark_report_ratios_and_targets() -> None:
+    from tether.benchmarks.runtime import Row, _agreement, _targets, render_markdown
+
+    torch_row = Row("edge", "torch", "edge", prefill_tok_s=[100, 120, 110], decode_tok_s=[9, 10, 11],
+                    outputs=[[1, 2, 3, 4]])
+    int4 = Row("edge", "onnx-int4", "edge", prefill_tok_s=[300, 330, 310], decode_tok_s=[40, 35, 38],
+               outputs=[[1, 2, 9, 4]], extra={"onnx_build_seconds": 32.5, "onnx_size_mb": 834})
+    _agreement([torch_row, int4], torch_row)
+    summaries = [torch_row.summary(), int4.summary()]
+    base = summaries[0]
+    for s in summaries:
+        s["decode_vs_edge_torch"] = round(s["decode_tok_s"] / base["decode_tok_s"], 2)
+        s["prefill_vs_edge_torch"] = round(s["prefill_tok_s"] / base["prefill_tok_s"], 2)
+    assert summaries[1]["decode_tok_s"] == 38 and summaries[1]["decode_vs_edge_torch"] == 3.8
+    assert summaries[1]["greedy_prefix_equal_to_torch"] == [2]
+    targets = _targets(summaries)
+    assert [t["met"] for t in targets] == [True]
+    report = {
+        "conditions": {"cpu": "cpu", "threads": 2, "load_average_before": [1.0], "load_average_after": [1.0],
+                       "prompts": ["p"], "prompt_tokens": [4], "new_tokens": 4, "decoding": "greedy",
+                       "repeats": 3, "date": "today", "command": "tether bench runtime"},
+        "results": summaries,
+        "targets": targets,
+    }
+    markdown = render_markdown(report)
+    assert "| edge | onnx-int4 | 310 | 38.0 | 26 | 3.8x | 2.82x | 2 | 0.0 |" in markdown
+    assert "onnx-int4 834 MB in 32.5 s" in markdown and "- met: edge onnx-int4" in markdown

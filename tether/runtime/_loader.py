@@ -27,9 +27,9 @@ def load_runtime(
     """Load a model for one runtime backend.
 
     Args:
-        name_or_path: a registry name (``"qwen2.5-coder-0.5b"``; its converted HF
-            directory is prepared once by `tether.models.ensure_hf_dir`) or the path of
-            a Hugging Face model directory.
+        name_or_path: a registry name (``"qwen2.5-coder-0.5b"``), a ``.gguf`` path or
+            a Hugging Face model directory; the converted HF directory is prepared once
+            by `tether.models.ensure_hf_dir`.
         backend: ``"torch"`` (`TorchCausalLM`, fp32) or ``"onnx-fp32"`` /
             ``"onnx-int8"`` / ``"onnx-int4"`` (`OnnxCausalLM`; the ONNX graph is built
             once and cached under ``cache_dir()/onnx``).
@@ -37,7 +37,7 @@ def load_runtime(
         progress: show progress bars while preparing weights or building ONNX.
 
     Returns:
-        ``(model, tokenizer)``; the tokenizer is the HF tokenizer of the model directory.
+        ``(model, tokenizer)``; the tokenizer comes from `tether.models.load_tokenizer`.
 
     Raises:
         ConfigurationError: unknown backend (the message lists the valid ones) or a path
@@ -53,36 +53,21 @@ def load_runtime(
     if is_dir and not (path / "config.json").is_file():
         raise ConfigurationError(f"{path} is not a Hugging Face model directory (no config.json)")
 
+    from tether.models import ensure_hf_dir, load_hf, load_tokenizer
+
+    source: str | Path = path if is_dir else str(name_or_path)
+    name = path.name if is_dir else str(name_or_path)
     if backend == "torch":
         from tether.runtime._torch import TorchCausalLM
 
-        if is_dir:
-            from transformers import AutoModelForCausalLM
-
-            hf_model = AutoModelForCausalLM.from_pretrained(path, dtype="float32").eval()
-            return TorchCausalLM(hf_model, name=path.name), _tokenizer(path)
-        from tether.models import load_hf
-
-        hf_model, tokenizer = load_hf(str(name_or_path))
-        return TorchCausalLM(hf_model, name=str(name_or_path)), tokenizer
+        hf_model, tokenizer = load_hf(source, progress=progress)
+        return TorchCausalLM(hf_model, name=name), tokenizer
 
     from tether.runtime._onnx import OnnxCausalLM
 
-    precision = backend.removeprefix("onnx-")
-    if is_dir:
-        hf_dir, name = path, path.name
-    else:
-        from tether.models import ensure_hf_dir
-
-        hf_dir, name = Path(ensure_hf_dir(str(name_or_path))), str(name_or_path)
+    hf_dir = ensure_hf_dir(source, progress=progress)
     model = OnnxCausalLM.from_hf_dir(
-        hf_dir, precision, progress=progress, name=f"{name}@{backend}",
+        hf_dir, backend.removeprefix("onnx-"), progress=progress, name=f"{name}@{backend}",
         intra_op_num_threads=intra_op_num_threads,
     )
-    return model, _tokenizer(hf_dir)
-
-
-def _tokenizer(hf_dir: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(hf_dir)
+    return model, load_tokenizer(hf_dir, progress=progress)

@@ -110,7 +110,7 @@ class OnnxCausalLM(CausalLM):
         kv_mode: KVMode | None = None,
         allow_spinning: bool = False,
     ) -> None:
-        import onnxruntime as ort
+        import onnxruntime as ort  # type: ignore[import-untyped]
 
         build_dir = Path(build_dir)
         model_path = build_dir / "model.onnx"
@@ -331,7 +331,8 @@ class OnnxCausalLM(CausalLM):
         logits = np.empty((1, ids.shape[1], self.info.vocab_size), dtype=np.float32)
         binding.bind_ortvalue_output("logits", self._ortvalue.ortvalue_from_numpy(logits))
         self._session.run_with_iobinding(binding)
-        return logits[0]
+        row: np.ndarray = logits[0]
+        return row
 
     def _extend_concat(self, state: OnnxKVState, ids: np.ndarray, past: int, total: int) -> np.ndarray:
         feeds: dict[str, Any] = self._common_feeds(ids, past, total)

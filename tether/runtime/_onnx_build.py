@@ -184,7 +184,7 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 def _genai_version() -> str:
     try:
-        import onnxruntime_genai
+        import onnxruntime_genai  # type: ignore[import-untyped]
 
         return str(onnxruntime_genai.__version__)
     except ImportError as exc:
