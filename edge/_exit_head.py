@@ -48,6 +48,7 @@ __all__ = [
     "ModelHeadExit",
     "calibrate",
     "collect_exit_data",
+    "collect_exit_datasets",
     "train_exit_head",
 ]
 
@@ -253,7 +254,7 @@ class ExitHead(torch.nn.Module):
                 head.up.copy_(t["adapter.up"])
         except ModelError:
             raise
-        except (OSError, KeyError, ValueError, RuntimeError, TypeError) as exc:
+        except Exception as exc:  # safetensors raises its own error types for a corrupt file
             raise ModelError(f"could not read the exit head {path}: {exc}") from exc
         return head.eval()
 
@@ -314,7 +315,6 @@ class ExitData:
                    dict(parts[0].meta))
 
 
-@torch.inference_mode()
 def collect_exit_data(
     runtime: LayerwiseLM, sequences: Iterable[Sequence[int]], *, layer: int, top_k: int = 32, chunk: int = 256,
     first_sequence: int = 0,
@@ -328,26 +328,44 @@ def collect_exit_data(
         top_k: how many of the full model's most likely tokens to keep per position.
         first_sequence: the index given to the first sequence (for resumable collection).
     """
+    return collect_exit_datasets(runtime, sequences, layers=(layer,), top_k=top_k, chunk=chunk,
+                                 first_sequence=first_sequence)[layer]
+
+
+@torch.inference_mode()
+def collect_exit_datasets(
+    runtime: LayerwiseLM, sequences: Iterable[Sequence[int]], *, layers: Sequence[int], top_k: int = 32,
+    chunk: int = 256, first_sequence: int = 0,
+) -> dict[int, ExitData]:
+    """`collect_exit_data` for several split layers in one pass of the full model per chunk."""
     num_layers = runtime.info.num_layers
-    if not 0 < layer < num_layers:
-        raise ConfigurationError(f"split layer must be in [1, {num_layers - 1}], got {layer}")
-    parts: list[ExitData] = []
+    cuts = sorted({int(k) for k in layers})
+    if not cuts or not all(0 < k < num_layers for k in cuts):
+        raise ConfigurationError(f"split layers must be in [1, {num_layers - 1}], got {list(layers)}")
+    parts: dict[int, list[ExitData]] = {k: [] for k in cuts}
     for index, ids in enumerate(sequences, start=first_sequence):
         state = runtime.new_state()
         try:
             for start in range(0, len(ids), chunk):
                 part = list(ids[start:start + chunk])
-                rows = runtime.run_layers(state, runtime.embed(part), 0, layer)  # [n, H]
-                out = runtime.run_layers(state, rows, layer, num_layers)
+                hidden, done, rows = runtime.embed(part), 0, {}
+                for k in cuts:
+                    hidden = runtime.run_layers(state, hidden, done, k)  # [n, H] after layer k
+                    rows[k], done = hidden, k
+                out = runtime.run_layers(state, hidden, done, num_layers)
                 logprobs = torch.log_softmax(runtime.head(out), dim=-1)  # [n, V]
                 values, top = torch.topk(logprobs, top_k, dim=-1)
-                parts.append(ExitData(rows.half().cpu(), top.cpu(), values.cpu(),
-                                      torch.full((len(part),), index, dtype=torch.long)))
+                seq = torch.full((len(part),), index, dtype=torch.long)
+                for k in cuts:
+                    parts[k].append(ExitData(rows[k].half().cpu(), top.cpu(), values.cpu(), seq))
         finally:
             runtime.release(state)
-    data = ExitData.concat(parts)
-    data.meta = {"layer": layer, "model": runtime.info.name, "top_k": top_k}
-    return data
+    result = {}
+    for k in cuts:
+        data = ExitData.concat(parts[k])
+        data.meta = {"layer": k, "model": runtime.info.name, "top_k": top_k}
+        result[k] = data
+    return result
 
 
 # -- training ---------------------------------------------------------------------------------
@@ -432,7 +450,7 @@ def train_exit_head(
             loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
             sched.step()
-            total += float(loss) * len(rows)
+            total += float(loss.detach()) * len(rows)
         if progress is not None:
             progress(f"epoch {epoch + 1}/{epochs}: loss {total / len(train):.4f} ({time.perf_counter() - t0:.1f}s)")
     head.eval()

@@ -30,6 +30,7 @@ _BENCH_MODULES: tuple[str, ...] = (
     "tether.benchmarks.routing",
     "tether.benchmarks.minions",
     "tether.benchmarks.runtime",
+    "tether.benchmarks.split",
 )
 
 bench_app = typer.Typer(

@@ -19,6 +19,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "tether.generate_cli",
     "tether.cloud._cli",
     "tether.router_cli",
+    "tether.split_cli",
     "tether.protocol._cli",
     "tether.bench_cli",
 )
