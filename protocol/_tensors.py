@@ -196,7 +196,8 @@ class Tensor:
         if values.ndim < 1:
             raise InvalidMessage("int8_rowwise needs at least one axis")
         peak = np.max(np.abs(values), axis=-1) if values.shape[-1] else np.zeros(values.shape[:-1], np.float32)
-        scales = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)
+        # A subnormal peak would give a zero scale: clamp to float32's smallest normal.
+        scales = np.maximum(np.where(peak > 0, peak / 127.0, 1.0), np.finfo(np.float32).tiny).astype(np.float32)
         quantized = np.clip(np.rint(values / scales[..., None]), -127, 127).astype(np.int8)
         return cls(DType.INT8_ROWWISE, quantized, np.asarray(scales, dtype=np.float32).reshape(values.shape[:-1]))
 

@@ -246,6 +246,17 @@ def test_int8_rowwise_and_bf16_layouts() -> None:
     assert np.allclose(decoded.hidden.numpy(), values, atol=2.0 / 127)
 
 
+def test_int8_rowwise_subnormal_rows_stay_finite() -> None:
+    import warnings
+
+    values = np.full((2, 8), 6.4e-44, np.float32)  # subnormal: peak / 127 underflows
+    values[1] = np.linspace(-3, 3, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        decoded = Tensor.int8_rowwise(values).numpy()
+    assert np.all(np.isfinite(decoded)) and np.allclose(decoded, values, atol=3 / 127)
+
+
 def test_int4_grouped_tiny_and_huge_groups_stay_finite() -> None:
     import warnings
 
