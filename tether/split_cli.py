@@ -91,16 +91,17 @@ def train_exit_heads(
 
         log(f"collecting {len(missing)} of {len(groups)} parts ({sum(len(s) for s in sequences)} tokens in all)")
         hf = AutoModelForCausalLM.from_pretrained(ensure_hf_dir(model, progress=False), dtype=torch.float32)
-        runtime = TorchCausalLM(hf.eval(), name=model)
+        hf.train(False)
+        runtime = TorchCausalLM(hf, name=model)
         for g in missing:
             if budget_s is not None and time.monotonic() - started > budget_s:
                 log(f"time budget spent: {len(missing) - missing.index(g)} parts left; run again to continue")
                 return None
             t0 = time.perf_counter()
-            data = collect_exit_datasets(runtime, groups[g], layers=cuts, first_sequence=g * _GROUP)
+            collected = collect_exit_datasets(runtime, groups[g], layers=cuts, first_sequence=g * _GROUP)
             for k in cuts:
-                data[k].save(part(g, k))
-            log(f"part {g + 1}/{len(groups)}: {len(data[cuts[0]])} positions in {time.perf_counter() - t0:.1f}s")
+                collected[k].save(part(g, k))
+            log(f"part {g + 1}/{len(groups)}: {len(collected[cuts[0]])} positions in {time.perf_counter() - t0:.1f}s")
         del runtime, hf
     head_weight, norm_weight, eps = _head_weights(Path(ensure_hf_dir(model, progress=False)))
     written = {}
