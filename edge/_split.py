@@ -285,14 +285,16 @@ class SplitStrategy:
             raise ConfigurationError(f"no split layer in [{lo}, {hi}] (the device holds {held} of {big_l})")
         profile = opts.profile
         if profile is None:
-            key = (id(self.link.connector), opts.exit_threshold is not None)
-            profile = model.profiles.get(key)
+            # Measured once per cloud connector and kind of exit (its cost is part of the profile).
+            per_cloud = model.profiles.setdefault(self.link.connector, {})
+            key = self.stats.exit_kind
+            profile = per_cloud.get(key)
             if profile is None and not cloud_up:
                 self.stats.partition = {"layer": lo, "reason": "cloud unreachable: nothing measured, fewest layers"}
                 return lo
             if profile is None:
                 profile = await self._measure()
-                model.profiles[key] = profile
+                per_cloud[key] = profile
         if opts.bandwidth_bytes_per_s is not None:
             profile = dataclasses.replace(profile, up_bytes_per_s=opts.bandwidth_bytes_per_s)
         report: PartitionReport = choose_partition(

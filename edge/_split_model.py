@@ -17,6 +17,7 @@ import asyncio
 import concurrent.futures
 import functools
 import logging
+import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -68,7 +69,9 @@ class SplitModel:
         self.num_layers = total
         self.name = name or runtime.info.name
         self.threads = threads
-        self.profiles: dict[Any, Any] = {}  # partition profiles measured per cloud (see _split.py)
+        # Partition profiles measured per cloud connector (see _split.py); weak, so a closed
+        # connector's measurements go with it and are never mistaken for a new one's.
+        self.profiles: weakref.WeakKeyDictionary[Any, dict[str | None, Any]] = weakref.WeakKeyDictionary()
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="tether-split", initializer=_set_threads, initargs=(threads,)
         )

@@ -268,3 +268,25 @@ async def test_local_client_shares_the_cloud_model(edge_model, split_runtime) ->
         source = client._split_source
         assert source._shared is not None and source._shared.runtime is split_runtime
 
+
+
+async def test_long_prompt_goes_in_several_capped_messages(edge_model, manager, split_runtime) -> None:  # type: ignore[no-untyped-def]
+    cloud = RecordingCloud(manager)
+    prompt = "0123456789" * 60  # 600 tokens; fp32 rows of 64 floats: 256 rows per 64 KiB message
+    opts = SplitOptions(split_layer=3, compression="fp32", max_message_bytes=65536)
+    async with EdgeClient(edge_model, cloud, mode="split", split=opts) as client:
+        r = await client.generate(prompt, max_new_tokens=4)
+        expected = reference_greedy(split_runtime, ids_of(client, prompt), 4, edge_model.eos_token_ids)
+    assert [n for n, _ in cloud.calls][:3] == [256, 256, 88]
+    assert list(r.token_ids) == expected
+    assert isinstance(r.stats, SplitStats) and r.stats.prompt_rows == 600 and r.stats.rounds == 4
+
+
+async def test_sampling_is_seeded(edge_model, manager) -> None:  # type: ignore[no-untyped-def]
+    async with EdgeClient(edge_model, InProcessCloud(manager), mode="split",
+                          split=SplitOptions(split_layer=2, compression="bf16", exit_threshold=0.3)) as client:
+        a = await client.generate("sample me", max_new_tokens=12, temperature=1.0, seed=7)
+        b = await client.generate("sample me", max_new_tokens=12, temperature=1.0, seed=7)
+        c = await client.generate("sample me", max_new_tokens=12, temperature=1.0, seed=8)
+    assert a.token_ids == b.token_ids and a.origins == b.origins
+    assert a.token_ids != c.token_ids
