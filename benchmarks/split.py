@@ -253,8 +253,9 @@ def _speed_configs() -> list[dict[str, Any]]:
             configs.append({"name": f"k{k}-int8@{rtt}", "mode": "split", "k": k, "compression": "int8", "rtt_ms": rtt})
         configs.append({"name": f"auto-int8@{rtt}", "mode": "split", "k": "auto", "compression": "int8",
                         "rtt_ms": rtt})
-        configs.append({"name": f"k21-int8-exit@{rtt}", "mode": "split", "k": 21, "compression": "int8",
-                        "rtt_ms": rtt, "exit": "trained"})
+        for kind, label in (("trained", "exit"), ("model-head", "lens")):
+            configs.append({"name": f"k21-int8-{label}@{rtt}", "mode": "split", "k": 21, "compression": "int8",
+                            "rtt_ms": rtt, "exit": kind})
     return configs
 
 
@@ -287,14 +288,15 @@ async def _speed_async(budget: Budget) -> bool:
             opts = None
             if cfg["mode"] == "split":
                 threshold = None
+                trained = cfg.get("exit") == "trained"
                 if cfg.get("exit"):
                     threshold = _exit_threshold(int(cfg["k"]), cfg["exit"])
-                    if threshold is None or not _head_path(int(cfg["k"])).is_file():
+                    if threshold is None or (trained and not _head_path(int(cfg["k"])).is_file()):
                         speed[cfg["name"]] = {"skipped": "no exit threshold reaches 98% agreement"}
                         _save("speed", speed)
                         continue
                 opts = SplitOptions(split_layer=cfg["k"], compression=cfg["compression"], exit_threshold=threshold,
-                                    exit_head=_head_path(int(cfg["k"])) if cfg.get("exit") else None)
+                                    exit_head=_head_path(int(cfg["k"])) if trained else None)
             link = EmulatedLink.with_rtt(InProcessCloud(manager), cfg["rtt_ms"] / 1000, bandwidth_bps=UPLINK_BPS)
             client = EdgeClient(edge, link, mode=cfg["mode"], split=opts, split_model=split_model)
             runs = []
