@@ -22,7 +22,7 @@ import pytest
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
-from conftest import RawClient
+from protocolkit import RawClient
 from tether.protocol import (
     Appended,
     AppendTokens,

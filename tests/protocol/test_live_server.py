@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from conftest import RawClient
+from protocolkit import RawClient
 from tether.protocol import (
     Appended,
     AppendTokens,

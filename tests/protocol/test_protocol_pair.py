@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import FakeClock, Pair, make_pair
+from protocolkit import FakeClock, Pair, make_pair
 from tether.protocol import (
     Allowlist,
     Appended,
