@@ -7,7 +7,7 @@ measures, the plot and the docs section. Model outputs come from `routing_data` 
 Protocol (nothing is tuned on HumanEval):
 - Data: greedy answers of both models on Tether's 71 own tasks (training) and on the
   HumanEval subset HumanEval/0, /4, ..., /160 (41 problems, held out), pass/fail from the
-  sandboxed unit tests. bf16 weights, 192 new tokens at most, stop at the closing fence.
+  sandboxed unit tests. bf16 weights, 160 new tokens at most, stop at the closing fence.
 - Query routers: training-free edge signals; learned classifiers trained on the 71 tasks
   with label = "the edge's answer passes whenever the cloud's does" (edge pass >= cloud
   pass). Curve: send the k lowest-scoring HumanEval queries to the cloud, k = 0..41.
@@ -77,12 +77,20 @@ def split_data(split: str) -> tuple[list[str], list[Query], np.ndarray, np.ndarr
     from tether.routing import Query
     ea, ca = rd.answers("edge", split), rd.answers("cloud", split)
     probes, emb = rd.load_probes(split), embeddings(split)
-    ids = [p.task_id for p in rd.problems(split) if p.task_id in ea and p.task_id in ca and p.task_id in probes]
+    need_cloud = split == "humaneval"  # training tasks without a cloud answer yet keep a label (below)
+    ids = [p.task_id for p in rd.problems(split)
+           if p.task_id in ea and p.task_id in probes and (p.task_id in ca or not need_cloud)]
     text = {p.task_id: p.query_text for p in rd.problems(split)}
     qs = [Query(text=text[t], probe=probes[t], embedding=emb[t]) for t in ids]
     e = np.array([float(ea[t]["passed"]) for t in ids])
-    c = np.array([float(ca[t]["passed"]) for t in ids])
+    c = np.array([float(ca[t]["passed"]) if t in ca else math.nan for t in ids])
     return ids, qs, e, c
+
+
+def labels(e: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """1 where the edge's answer is as good as the cloud's (edge pass >= cloud pass); where the
+    cloud's answer is not known, 1 where the edge's answer passes."""
+    return np.where(np.isnan(c), e, (e >= np.nan_to_num(c)).astype(float)).astype(np.float32)
 
 
 def labelled_jsonl(path: Path) -> Path:
@@ -91,8 +99,14 @@ def labelled_jsonl(path: Path) -> Path:
 
     ids, _, e, c = split_data("train")
     by = {p.task_id: p for p in rd.problems("train")}
-    write_records(path, [{"id": t, "text": by[t].query_text, "label": int(e[i] >= c[i]),
-                          "edge_quality": int(e[i]), "cloud_quality": int(c[i])} for i, t in enumerate(ids)])
+    y = labels(e, c)
+    rows = []
+    for i, t in enumerate(ids):
+        row = {"id": t, "text": by[t].query_text, "label": int(y[i]), "edge_quality": int(e[i])}
+        if not math.isnan(c[i]):
+            row["cloud_quality"] = int(c[i])
+        rows.append(row)
+    write_records(path, rows)
     return path
 
 
@@ -148,17 +162,22 @@ def cv_weight_decay(qs: list[Query], y: np.ndarray, feats: tuple[str, ...], opts
 
 
 def query_report() -> dict[str, Any]:
+    """Query routers on the HumanEval subset (raises if no HumanEval answers are cached)."""
     from tether.routing import LearnedQueryRouter, SignalRouter, query_curve, random_curve
     from tether.routing import threshold_for_cloud_fraction, threshold_for_quality
 
     _, q_tr, e_tr, c_tr = split_data("train")
     ids, q_he, e_he, c_he = split_data("humaneval")
-    y_tr = (e_tr >= c_tr).astype(np.float32)
+    if not ids:
+        raise RuntimeError("no HumanEval problem has both answers cached yet: run `tether bench routing` first")
+    y_tr = labels(e_tr, c_tr)
+    known = ~np.isnan(c_tr)
     edge_q, cloud_q = float(e_he.mean()), float(c_he.mean())
     routers: dict[str, Any] = {f"signal:{s}": SignalRouter(s) for s in QUERY_SIGNALS}
     ROUTERS_DIR.mkdir(parents=True, exist_ok=True)
     chosen: dict[str, float] = {}
-    for name, (feats, opts) in query_learned().items():
+    learnable = len(q_tr) >= 10 and 0.0 < float(y_tr.mean()) < 1.0
+    for name, (feats, opts) in (query_learned() if learnable else {}).items():
         wd = cv_weight_decay(q_tr, y_tr, feats, opts)
         chosen[f"learned:{name}"] = wd
         r = LearnedQueryRouter.fit(q_tr, y_tr, feats, dataclasses.replace(opts, weight_decay=wd))
@@ -166,12 +185,16 @@ def query_report() -> dict[str, Any]:
     rows = []
     curves = [random_curve(edge_q, cloud_q)]
     for name, r in routers.items():
-        s_tr, s_he = r.score_many(q_tr), r.score_many(q_he)
+        s_tr, s_he = (r.score_many(q_tr) if q_tr else np.zeros(0)), r.score_many(q_he)
         curve = query_curve(name, s_he, e_he, c_he)
         curves.append(curve)
         # calibration on the training tasks only, then measured on HumanEval
-        t30 = threshold_for_cloud_fraction(s_tr, 0.3)
-        qcal = threshold_for_quality(s_tr, e_tr, c_tr, 1.0)
+        t30 = threshold_for_cloud_fraction(s_tr, 0.3) if s_tr.size else math.nan
+        if known.any():
+            qcal = threshold_for_quality(s_tr[known], e_tr[known], c_tr[known], 1.0)
+        else:
+            from tether.routing import QualityCalibration
+            qcal = QualityCalibration(threshold=math.nan, cloud_fraction=math.nan, quality=math.nan, target=math.nan, reached=False)
         to_cloud = s_he < qcal.threshold
         within_1pt = [x for x, q in zip(curve.fractions, curve.qualities) if q >= cloud_q - 0.01 - 1e-9]
         frac60, q60 = curve.best_within(0.6)
@@ -184,17 +207,18 @@ def query_report() -> dict[str, Any]:
             "router": name, "weight_decay": chosen.get(name), "apgr": curve.apgr(), "apgr_ci95": [lo, hi], "fraction_to_95pct_cloud": curve.fraction_to_reach(0.95 * cloud_q),
             "min_fraction_within_1pt_of_cloud": min(within_1pt) if within_1pt else None,
             "best_pass_at_most_60pct": q60, "best_pass_at_most_60pct_fraction": frac60,
-            "calib30_realised_fraction": float(np.mean(s_he < t30)),
-            "quality_calib_train_fraction": qcal.cloud_fraction,
-            "quality_calib_he_fraction": float(to_cloud.mean()),
-            "quality_calib_he_pass": float(np.where(to_cloud, c_he, e_he).mean()),
+            "calib30_realised_fraction": None if math.isnan(t30) else float(np.mean(s_he < t30)),
+            "quality_calib_train_fraction": None if math.isnan(qcal.threshold) else qcal.cloud_fraction,
+            "quality_calib_he_fraction": None if math.isnan(qcal.threshold) else float(to_cloud.mean()),
+            "quality_calib_he_pass": None if math.isnan(qcal.threshold) else float(np.where(to_cloud, c_he, e_he).mean()),
         })
     # empirical random routers, for the spread around the expected line
     rng = np.random.default_rng(0)
     rand_apgr = [query_curve("r", rng.random(len(ids)), e_he, c_he).apgr() for _ in range(200)]
     return {
         "problems": ids, "edge_pass": edge_q, "cloud_pass": cloud_q, "n_train": len(q_tr),
-        "train_edge_pass": float(e_tr.mean()), "train_cloud_pass": float(c_tr.mean()), "train_label_share": float(y_tr.mean()),
+        "train_edge_pass": float(e_tr.mean()), "train_cloud_pass": float(np.nanmean(c_tr)) if known.any() else None,
+        "train_with_cloud": int(known.sum()), "train_label_share": float(y_tr.mean()),
         "he_label_share": float((e_he >= c_he).mean()),
         "random_apgr_expected": 0.5, "random_apgr_mean": float(np.mean(rand_apgr)), "random_apgr_sd": float(np.std(rand_apgr)),
         "rows": rows, "curves": [{"name": c.name, "x": list(c.fractions), "y": list(c.qualities)} for c in curves],
@@ -388,17 +412,24 @@ def _pct(x: float | None) -> str:
     return "never" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
 
 
+def _na(x: float | None) -> str:
+    return "n/a" if x is None else _pct(x)
+
+
 def markdown(report: dict[str, Any]) -> str:
     q = report["query"]
     n = len(q["problems"])
     lines = [
         "## Routing: quality-cost curves (`tether bench routing`)",
         "",
-        f"HumanEval subset: every 4th problem, HumanEval/0, /4, ..., /160 ({n} problems), greedy pass@1 with the "
+        f"HumanEval subset: every 4th problem, HumanEval/0, /4, ..., /160 ({n} problems"
+        + ("" if n == 41 else " of the 41: those with both answers cached so far") + "), greedy pass@1 with the "
         "sandboxed unit tests. Edge `qwen2.5-coder-0.5b`, cloud `qwen2.5-coder-1.5b`, both bf16 torch on "
-        f"{report['env']['cpus']} shared CPU cores, at most 192 new tokens, stop at the closing code fence. "
+        f"{report['env']['cpus']} shared CPU cores, at most 160 new tokens, stop at the closing code fence. "
         f"Routers are trained and calibrated only on Tether's own {q['n_train']} programming tasks "
-        f"(`routing/_task_bank.py`; edge pass {_pct(q['train_edge_pass'])}, cloud {_pct(q['train_cloud_pass'])}); "
+        f"(`routing/_task_bank.py`; edge pass {_pct(q['train_edge_pass'])}, cloud {_pct(q['train_cloud_pass'])} on the "
+        f"{q['train_with_cloud']} with a cloud answer; label = edge pass >= cloud pass, or edge pass where the cloud's "
+        "answer is missing); "
         "HumanEval is held out.",
         "",
         f"- edge-only pass@1 **{_pct(q['edge_pass'])}**, cloud-only **{_pct(q['cloud_pass'])}**; "
@@ -414,8 +445,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"| {r['router']} | {r['apgr']:.3f} ({r['apgr_ci95'][0]:.2f}–{r['apgr_ci95'][1]:.2f}) | {_pct(r['fraction_to_95pct_cloud'])} | "
             f"{_pct(r['min_fraction_within_1pt_of_cloud'])} | {_pct(r['best_pass_at_most_60pct'])} "
-            f"(at {_pct(r['best_pass_at_most_60pct_fraction'])}) | {_pct(r['calib30_realised_fraction'])} | "
-            f"{_pct(r['quality_calib_he_fraction'])} / {_pct(r['quality_calib_he_pass'])} |")
+            f"(at {_pct(r['best_pass_at_most_60pct_fraction'])}) | {_na(r['calib30_realised_fraction'])} | "
+            f"{_na(r['quality_calib_he_fraction'])} / {_na(r['quality_calib_he_pass'])} |")
     t = report.get("token")
     if t and t["rows"]:
         lines += ["", "### Token routers (route-token)", "",
