@@ -17,6 +17,7 @@ import tether
 _COMMAND_MODULES: tuple[str, ...] = (
     "tether.models_cli",
     "tether.generate_cli",
+    "tether.chat_cli",
     "tether.cloud._cli",
     "tether.router_cli",
     "tether.split_cli",

@@ -1,0 +1,171 @@
+"""`tether chat` through a pseudo-terminal, and `tether generate --json` equivalence of modes.
+
+Both run the real command lines as subprocesses on tiny random models saved as Hugging Face
+model directories (`--edge-model DIR --cloud-model DIR`): the cloud is a tiny byte-vocabulary
+Qwen2, the edge a noisy copy of it, so drafts are sometimes accepted and sometimes corrected.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent / "cloud"))
+
+from cloudkit import build_byte_tokenizer, build_tiny_byte_model  # noqa: E402
+
+TETHER = [sys.executable, "-c", "from tether.cli import main; main()"]
+
+
+def save_tiny_pair(root: Path) -> tuple[Path, Path]:
+    """Save a tiny cloud model and a noisy copy of it (the edge) with a chat-template tokenizer.
+
+    Returns:
+        ``(edge_dir, cloud_dir)``, Hugging Face model directories for ``--edge-model`` /
+        ``--cloud-model`` (or the SDK's ``Client.local(edge_dir, cloud_dir)``).
+    """
+    from tests.edge.conftest import noisy_copy
+
+    cloud = build_tiny_byte_model(seed=0)
+    edge = noisy_copy(cloud, scale=0.1, seed=2)
+    tokenizer = build_byte_tokenizer()
+    dirs = root / "edge", root / "cloud"
+    for path, model in zip(dirs, (edge, cloud)):
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return save_tiny_pair(tmp_path_factory.mktemp("chat-pair"))
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "TERM": "xterm-256color", "COLUMNS": "120", "LINES": "40",
+            "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+
+
+def test_chat_in_a_terminal(tiny_pair: tuple[Path, Path]) -> None:
+    """Type a question, see a streamed answer and its status line, switch mode, ask again,
+    stop an answer with Ctrl-C, ask again, quit."""
+    import pexpect
+
+    edge_dir, cloud_dir = tiny_pair
+    child = pexpect.spawn(TETHER[0], [*TETHER[1:], "chat", "--edge-model", str(edge_dir), "--cloud-model",
+                                      str(cloud_dir), "--max-new-tokens", "24"],
+                          env=_env(), encoding="utf-8", timeout=60, dimensions=(40, 120))
+    try:
+        child.expect("Tether chat")
+        child.expect(r"mode (\x1b\[[0-9;]*m)*speculative")
+        child.expect("you ›")
+        child.sendline("What is a prime number?")
+        # The status line after the streamed answer: mode, tokens, acceptance, cloud share, speed, link.
+        child.expect(r"speculative · 24 tok · acceptance \d+% · cloud share \d+% · [\d.]+ tok/s · link in-process")
+        child.expect("you ›")
+        child.sendline("/mode edge")
+        child.expect("mode → ")
+        child.expect("you ›")
+        child.sendline("And an even one?")
+        child.expect(r"edge · 24 tok · acceptance - · cloud share 0% · [\d.]+ tok/s · link in-process")
+        child.expect("you ›")
+        child.sendline("/mode route-token")
+        child.expect("threshold 0.6")
+        child.sendline("/threshold 0.9")
+        child.expect("threshold → 0.9")
+        child.sendline("/stats")
+        child.expect("cloud share")
+        child.expect("you ›")
+        child.sendline("/mode nonsense")
+        child.expect("unknown mode")
+        child.sendline("/mode speculative")
+        child.expect("you ›")
+        # Ctrl-C while nothing runs only reminds how to leave.
+        child.sendintr()
+        child.expect("Ctrl-D leaves")
+        child.sendline("/quit")
+        child.expect("bye")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0, child.before
+
+
+def test_chat_ctrl_c_cancels_an_answer_and_the_session_goes_on(tiny_pair: tuple[Path, Path]) -> None:
+    import pexpect
+
+    edge_dir, cloud_dir = tiny_pair
+    child = pexpect.spawn(TETHER[0], [*TETHER[1:], "chat", "--edge-model", str(edge_dir), "--cloud-model",
+                                      str(cloud_dir), "--max-new-tokens", "1500", "--mode", "cloud"],
+                          env=_env(), encoding="utf-8", timeout=60, dimensions=(40, 120))
+    try:
+        child.expect("you ›")
+        child.sendline("Tell me a very long story.")
+        child.expect(r"Ctrl-C stops")  # the live status line while the answer streams
+        child.sendintr()
+        child.expect("cancelled")
+        child.expect("you ›")
+        child.sendline("/stats")
+        child.expect(r"answers\s+-\s+0")  # the cancelled answer counts for nothing
+        child.sendline("/mode edge")
+        child.sendline("Short one?")
+        child.expect(r"edge · 1500 tok|edge · \d+ tok")
+        child.expect("you ›")
+        child.sendeof()
+        child.expect("bye")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0, child.before
+
+
+def test_chat_prompt_is_non_interactive(tiny_pair: tuple[Path, Path]) -> None:
+    edge_dir, cloud_dir = tiny_pair
+    base = [*TETHER, "chat", "--edge-model", str(edge_dir), "--cloud-model", str(cloud_dir), "-n", "8", "--no-color"]
+    t0 = time.perf_counter()
+    done = subprocess.run([*base, "--prompt", "hello", "--mode", "route-query"], env=_env(),
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "route-query · " in done.stdout and "routed to " in done.stdout
+    # No --prompt and stdin not a terminal: the demo prompt, answered once, no waiting for input.
+    demo = subprocess.run(base, env=_env(), stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+    assert demo.returncode == 0, demo.stderr
+    assert "demo prompt" in demo.stderr and "speculative · 8 tok" in demo.stdout
+    assert time.perf_counter() - t0 < 120
+    bad = subprocess.run([*base, "--server", "ws://127.0.0.1:9"], env=_env(), stdin=subprocess.DEVNULL,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "--server-key" in bad.stderr
+
+
+def _generate_json(tiny_pair: tuple[Path, Path], mode: str) -> dict[str, object]:
+    edge_dir, cloud_dir = tiny_pair
+    done = subprocess.run(
+        [*TETHER, "generate", "--mode", mode, "--prompt", "def is_prime(n):", "--max-new-tokens", "32", "--json",
+         "--edge-model", str(edge_dir), "--cloud-model", str(cloud_dir)],
+        env=_env(), stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    result: dict[str, object] = json.loads(done.stdout)
+    return result
+
+
+def test_generate_json_speculative_equals_cloud(tiny_pair: tuple[Path, Path]) -> None:
+    spec = _generate_json(tiny_pair, "speculative")
+    cloud = _generate_json(tiny_pair, "cloud")
+    assert spec["token_ids"] == cloud["token_ids"] and len(spec["token_ids"]) == 32  # type: ignore[arg-type]
+    assert spec["text"] == cloud["text"]
+    stats = spec["stats"]
+    assert isinstance(stats, dict)
+    for key in ("tokens_by_origin", "rounds", "drafted_tokens", "accepted_tokens", "cloud_forward_passes",
+                "bytes_up", "bytes_down", "wall_s"):
+        assert key in stats
+    by_origin = stats["tokens_by_origin"]
+    # The edge's drafts were both accepted and corrected, yet the output is the cloud's.
+    assert by_origin["edge-accepted"] > 0 and by_origin["cloud-corrected"] > 0
+    assert stats["cloud_forward_passes"] < 32
