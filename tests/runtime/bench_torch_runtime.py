@@ -79,34 +79,52 @@ def main() -> None:
         [{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=True,
         return_dict=True,
     )["input_ids"]
-    lm = TorchCausalLM(model, name=args.name)
+    variants = {"runtime": TorchCausalLM(model, name=args.name)}
+    if dtype == torch.float32:  # the oneDNN switch only matters for fp32
+        variants["runtime (onednn_fp32=False)"] = TorchCausalLM(
+            model, name=args.name, onednn_fp32=False
+        )
     n = args.tokens
 
-    ours_hf = []
-    for _ in range(args.reps):  # interleave so machine noise hits both alike
-        ours_hf.append((runtime_greedy(lm, prompt, n), hf_greedy(model, prompt, n)))
-    ours_tokens, hf_tokens = ours_hf[0][0][0], ours_hf[0][1][0]
-    t_ours = min(o[1] for o, _ in ours_hf)
-    t_hf = min(h[1] for _, h in ours_hf)
-    print(f"prompt {len(prompt)} tokens, decode {n - 1} steps")
-    print(f"  runtime   {(n - 1) / t_ours:6.2f} tok/s")
-    print(f"  HF        {(n - 1) / t_hf:6.2f} tok/s   same tokens: {ours_tokens == hf_tokens}")
+    times: dict[str, list[float]] = {name: [] for name in [*variants, "HF generate"]}
+    tokens: dict[str, list[int]] = {}
+    for _ in range(args.reps):  # interleave so machine noise hits all alike
+        for name, lm in variants.items():
+            tokens[name], dt = runtime_greedy(lm, prompt, n)
+            times[name].append(dt)
+        tokens["HF generate"], dt = hf_greedy(model, prompt, n)
+        times["HF generate"].append(dt)
+    print(f"prompt {len(prompt)} tokens, decode {n - 1} steps (best of {args.reps})")
+    for name, ts in times.items():
+        same = tokens[name] == tokens["HF generate"]
+        print(f"  {name:28s} {(n - 1) / min(ts):6.2f} tok/s   same tokens as HF: {same}")
 
     # Aggregate decode throughput of a ragged batch (each sequence one new token per step).
     steps = 12
-    for batch in [int(b) for b in args.batches.split(",") if b]:
-        states = [lm.new_state() for _ in range(batch)]
-        lm.extend_batch(states, [prompt] * batch)
-        next_ids = [[ours_tokens[0]]] * batch
-        lm.extend_batch(states, next_ids)  # warm-up
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            lm.extend_batch(states, next_ids)
-        dt = time.perf_counter() - t0
-        print(f"  extend_batch B={batch}: {batch * steps / dt:6.2f} tok/s aggregate, "
-              f"{dt / steps * 1000:6.1f} ms/step")
-        for s in states:
-            lm.release(s)
+    for name, lm in variants.items():
+        for batch in [int(b) for b in args.batches.split(",") if b]:
+            states = [lm.new_state() for _ in range(batch)]
+            lm.extend_batch(states, [prompt] * batch)
+            next_ids = [[tokens[name][0]]] * batch
+            lm.extend_batch(states, next_ids)  # warm-up
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                lm.extend_batch(states, next_ids)
+            dt = time.perf_counter() - t0
+            print(f"  {name} extend_batch B={batch}: {batch * steps / dt:6.2f} tok/s aggregate, "
+                  f"{dt / steps * 1000:6.1f} ms/step")
+            for s in states:
+                lm.release(s)
+        # A block of k new tokens in one extend (draft verification), after the prompt.
+        state = lm.new_state()
+        lm.prefill(state, prompt)
+        for k in (1, 4, 8):
+            t0 = time.perf_counter()
+            for _ in range(3):
+                lm.extend(state, [tokens[name][0]] * k)
+                lm.truncate(state, len(prompt))
+            print(f"  {name} extend k={k}: {(time.perf_counter() - t0) / 3 * 1000:6.1f} ms")
+        lm.release(state)
 
 
 if __name__ == "__main__":

@@ -163,6 +163,28 @@ def test_bf16_matches_hf_bf16() -> None:
     assert (logits.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.9
 
 
+@pytest.mark.parametrize("onednn_fp32", [True, False])
+def test_large_matrices_through_onednn_match_hf(onednn_fp32: bool) -> None:
+    """Matrices big enough for the oneDNN fp32 path (and the plain path) give HF's logits."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tether.runtime import _torch
+
+    torch.manual_seed(0)
+    hf_model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=300, hidden_size=256, intermediate_size=8192, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    )).eval()
+    lm = TorchCausalLM(hf_model, onednn_fp32=onednn_fp32)
+    gate = lm._ops[0].gate
+    uses_onednn = getattr(gate, "func", None) is _torch._onednn_linear
+    assert uses_onednn == (onednn_fp32 and _torch._onednn_linear_works())
+    ids = random_ids(lm, 21, seed=4)
+    state = lm.new_state()
+    logits = torch.cat([lm.prefill(state, ids[:16]), lm.extend(state, ids[16:19]), lm.extend(state, ids[19:])])
+    torch.testing.assert_close(logits, hf_logits(hf_model, ids), atol=ATOL, rtol=1e-4)
+
+
 # -- cache semantics ------------------------------------------------------------------------
 
 
