@@ -243,6 +243,20 @@ def test_empty_extend_returns_no_rows(qwen: TorchCausalLM) -> None:
     assert state.length == 0
 
 
+def test_outputs_are_ordinary_tensors(qwen: TorchCausalLM) -> None:
+    """Computed under inference_mode, but callers may still modify the results in place."""
+    state = qwen.new_state()
+    logits = qwen.prefill(state, [1, 2, 3])
+    logits[-1] /= 0.7  # e.g. temperature scaling; fails on an inference tensor
+    hidden = qwen.embed([4])
+    hidden += 0.0
+    out = qwen.run_layers(state, hidden, 0, qwen.info.num_layers)
+    out *= 1.0
+    head = qwen.head(out)
+    head -= head.max()
+    assert not any(t.is_inference() for t in (logits, hidden, out, head))
+
+
 # -- misuse ---------------------------------------------------------------------------------
 
 

@@ -260,10 +260,10 @@ class TorchCausalLM(LayerwiseLM):
         """
         self._own(state)._truncate(length)
 
-    @torch.inference_mode()
     def fork(self, state: KVState) -> TorchKVState:
         """Return an independent copy of `state` (the held positions are copied)."""
-        return self._own(state)._fork()
+        with torch.inference_mode():
+            return self._own(state)._fork()
 
     def release(self, state: KVState) -> None:
         """Free the cache memory; any later use of `state` raises `RuntimeStateError`."""
@@ -284,22 +284,26 @@ class TorchCausalLM(LayerwiseLM):
             )
         return ids.to(self._device)
 
-    @torch.inference_mode()
+    # Compute runs under inference_mode (no autograd bookkeeping at all), but a tensor made
+    # there may never be modified in place outside it ("Inplace update to inference tensor").
+    # So what we hand back is copied outside it: callers may then scale logits in place.
+    # The copy is tiny next to the matmuls (one vocab row per token).
+
     def embed(self, token_ids: Sequence[int]) -> torch.Tensor:
         """Token embeddings, [n, hidden_size] in the model dtype.
 
         Raises:
             ConfigurationError: ids not 1-D or outside [0, vocab_size).
         """
-        out: torch.Tensor = self._embed_tokens(self._token_tensor(token_ids))
-        return out
+        with torch.inference_mode():
+            out: torch.Tensor = self._embed_tokens(self._token_tensor(token_ids))
+        return out.clone()
 
-    @torch.inference_mode()
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head: [n, hidden_size] -> [n, vocab_size] float32 logits on the CPU."""
-        hidden = self._check_hidden(hidden)
-        logits = self._lm_head_linear(self._norm(hidden))
-        return logits.float().cpu()
+        with torch.inference_mode():
+            logits = self._lm_head_linear(self._norm(self._check_hidden(hidden)))
+        return logits.to(device="cpu", dtype=torch.float32, copy=True)
 
     def _check_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         if hidden.ndim != 2 or hidden.shape[1] != self.info.hidden_size:
@@ -309,7 +313,6 @@ class TorchCausalLM(LayerwiseLM):
         # Activations may arrive over the wire in another dtype; compute in ours.
         return hidden.to(device=self._device, dtype=self._dtype)
 
-    @torch.inference_mode()
     def run_layers(
         self, state: KVState, hidden: torch.Tensor, start: int, stop: int
     ) -> torch.Tensor:
@@ -331,10 +334,11 @@ class TorchCausalLM(LayerwiseLM):
                 f"layer range [{start}, {stop}) is not within [0, {self.info.num_layers})"
             )
         own = self._own(state)
-        hidden = self._check_hidden(hidden)
-        return self._forward([own], hidden, [hidden.shape[0]], start, stop)
+        with torch.inference_mode():
+            hidden = self._check_hidden(hidden)
+            out = self._forward([own], hidden, [hidden.shape[0]], start, stop)
+        return out.clone()
 
-    @torch.inference_mode()
     def extend(self, state: KVState, token_ids: Sequence[int]) -> torch.Tensor:
         """Append `token_ids` to the sequence; return [len(token_ids), vocab_size] float32 logits.
 
@@ -344,7 +348,6 @@ class TorchCausalLM(LayerwiseLM):
         """
         return self.extend_batch([state], [token_ids])[0]
 
-    @torch.inference_mode()
     def extend_batch(
         self, states: Sequence[KVState], token_ids: Sequence[Sequence[int]]
     ) -> list[torch.Tensor]:
@@ -368,14 +371,15 @@ class TorchCausalLM(LayerwiseLM):
             raise RuntimeStateError("extend_batch got the same state twice; fork() it first")
         ids = [self._token_tensor(t) for t in token_ids]
         seq_lens = [int(t.shape[0]) for t in ids]
-        hidden = self._embed_tokens(torch.cat(ids)) if ids else None
-        if hidden is None or hidden.shape[0] == 0:
+        if sum(seq_lens) == 0:
             for s in owned:  # still validate, so misuse does not pass silently
                 s._start_length(0, self.info.num_layers, 0)
             return [torch.empty(0, self.info.vocab_size) for _ in owned]
-        hidden = self._forward(owned, hidden, seq_lens, 0, self.info.num_layers)
-        logits = self.head(hidden)  # [N, vocab]
-        return list(logits.split(seq_lens))
+        with torch.inference_mode():
+            hidden = self._embed_tokens(torch.cat(ids))  # [N, H]
+            hidden = self._forward(owned, hidden, seq_lens, 0, self.info.num_layers)
+            logits = self._lm_head_linear(self._norm(hidden))  # [N, vocab], model dtype
+        return list(logits.to(device="cpu", dtype=torch.float32, copy=True).split(seq_lens))
 
     # -- the forward pass -----------------------------------------------------------------
 
