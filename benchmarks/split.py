@@ -414,6 +414,31 @@ def summarize_speed(speed: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def modelled_speed(speed: dict[str, Any], hidden: int) -> dict[str, Any]:
+    """Tokens/s for every (k, compression) at each RTT from the cost model, fed with the profile
+    the ``auto`` run measured at that RTT (device and cloud seconds per layer, rtt, uplink)."""
+    from tether.edge import PartitionProfile, choose_partition
+    from tether.edge._hidden_codec import get_codec
+
+    out: dict[str, Any] = {}
+    for rtt in RTTS_MS:
+        runs = speed.get(f"auto-int8@{rtt}", {}).get("runs", [])
+        part = next((r["split"]["partition"] for r in runs if r.get("split", {}).get("partition")), None)
+        if not part or "profile" not in part:
+            continue
+        fields = {k: v for k, v in part["profile"].items() if k != "measured"}
+        profile = PartitionProfile(**fields)
+        grid = {}
+        for k in K_LIST:
+            if not 0 < k < profile.num_layers:
+                continue
+            grid[str(k)] = {c: choose_partition(profile, row_bytes=get_codec(c).nbytes(1, hidden),
+                                                candidates=[k]).cost(k).tokens_per_s for c in COMPRESSIONS}
+        out[str(rtt)] = {"profile": fields, "tokens_per_s": grid,
+                         "cloud_only_tokens_per_s": choose_partition(profile, row_bytes=4).cloud_only.tokens_per_s}
+    return out
+
+
 def report() -> dict[str, Any]:
     """Write benchmarks/results/split.json, docs/split_bench.png and the docs section (under ROOT)."""
     from tether.bench_cli import environment, update_docs_section, write_results
@@ -427,6 +452,7 @@ def report() -> dict[str, Any]:
     agreement = summarize_agreement(ref, agree)
     exits = summarize_exits(ref, agree)
     speed_rows = summarize_speed(speed)
+    modelled = modelled_speed(speed, hidden)
     int8_ratio = bytes_row["int8"] / bytes_row["fp32"]
     int8_ratio_framed = (bytes_row["int8"] + FRAMING_BYTES) / (bytes_row["fp32"] + FRAMING_BYTES)
     int8_worst = min((agreement[str(k)]["int8"] for k in K_LIST), default=float("nan"))
@@ -443,7 +469,7 @@ def report() -> dict[str, Any]:
         "model": f"{_model_name()} ({n_layers} layers, hidden {hidden}), fp32, split in two",
         "prompts": len(_positions(ref, agree)), "positions": n_positions, "new_tokens": NEW_TOKENS,
         "k": list(K_LIST), "compressions": list(COMPRESSIONS), "bytes_per_row": bytes_row,
-        "agreement": agreement, "exits": exits, "speed": speed_rows, "targets": targets,
+        "agreement": agreement, "exits": exits, "speed": speed_rows, "modelled_speed": modelled, "targets": targets,
         "link": {"rtts_ms": list(RTTS_MS), "uplink_bps": UPLINK_BPS, "speed_prompts": SPEED_PROMPTS,
                  "speed_tokens": SPEED_TOKENS},
         "environment": environment(),
@@ -538,6 +564,20 @@ def _markdown(data: dict[str, Any]) -> str:
         lines.append(f"| {base} | " + " | ".join(cells) + f" | {extra['bytes_up_per_token']:.0f} | "
                      f"{_pct(extra.get('exit_rate')) if 'exit_rate' in extra else '—'} | "
                      f"{k[0] if k else '—'} |")
+    modelled = data.get("modelled_speed", {})
+    if modelled:
+        rtts = sorted(modelled, key=int)
+        lines += ["", "**Modelled tokens/s** for every k and compression (the auto-partition cost model fed with the "
+                  "profile measured at each RTT; " + "; ".join(
+                      f"{r} ms: device {1e3 * modelled[r]['profile']['edge_layer_s']:.1f} ms/layer, cloud "
+                      f"{1e3 * modelled[r]['profile']['cloud_layer_s']:.1f} ms/layer, rtt "
+                      f"{1e3 * modelled[r]['profile']['rtt_s']:.0f} ms" for r in rtts) + "):", "",
+                  "| k | " + " | ".join(f"{c} @ {r} ms" for r in rtts for c in data["compressions"]) + " |",
+                  "|---|" + "---:|" * (len(rtts) * len(data["compressions"]))]
+        for k in data["k"]:
+            cells = [f"{modelled[r]['tokens_per_s'].get(str(k), {}).get(c, float('nan')):.2f}"
+                     for r in rtts for c in data["compressions"]]
+            lines.append(f"| {k} | " + " | ".join(cells) + " |")
     lines += ["", "**Early exit** (teacher-forced; positions not exited take the int8 split token). Exit rate / "
               "agreement per threshold:", "",
               "| exit | " + " | ".join(str(t) for t in THRESHOLDS) + " | best at >= 98% |",

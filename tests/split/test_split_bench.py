@@ -38,6 +38,7 @@ def bench(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_dir: Path, split
     monkeypatch.setattr(b, "_speed_configs", lambda: [
         {"name": "cloud@1", "mode": "cloud", "rtt_ms": 1},
         {"name": "k2-int8@1", "mode": "split", "k": 2, "compression": "int8", "rtt_ms": 1},
+        {"name": "auto-int8@1", "mode": "split", "k": "auto", "compression": "int8", "rtt_ms": 1},
         {"name": "k4-int8-exit@1", "mode": "split", "k": 4, "compression": "int8", "rtt_ms": 1, "exit": "trained"},
     ])
     monkeypatch.setenv("TETHER_CACHE", str(tmp_path / "tether-cache"))
@@ -64,7 +65,10 @@ def test_every_stage_and_the_report(bench: Any, tmp_path: Path) -> None:
     data = bench.report()
     assert data["agreement"]["2"]["fp32"] == 1.0 and data["bytes_per_row"]["int8"] == 68
     assert data["targets"]["int8_bytes_ratio"]["value"] == pytest.approx(68 / 256)
-    assert set(data["speed"]) == {"cloud@1", "k2-int8@1", "k4-int8-exit@1"}
+    assert set(data["speed"]) == {"cloud@1", "k2-int8@1", "auto-int8@1", "k4-int8-exit@1"}
+    grid = data["modelled_speed"]["1"]["tokens_per_s"]
+    assert set(grid) == {"2", "4"} and all(v > 0 for row in grid.values() for v in row.values())
+    assert grid["2"]["int4"] >= grid["2"]["fp32"]  # fewer bytes never model slower
     assert data["speed"]["k2-int8@1"]["hidden_bytes_per_token"] > 0
     assert (tmp_path / "benchmarks" / "results" / "split.json").is_file()
     assert (tmp_path / "docs" / "split_bench.png").stat().st_size > 1000
