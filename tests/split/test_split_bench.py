@@ -94,7 +94,7 @@ def test_train_exit_and_show_cli(tmp_path: Path, tiny_dir: Path, monkeypatch: py
     # the tiny directory has no tokenizer: use the toy one
     import tether.models
 
-    from conftest import ToyTokenizer  # noqa: I001 - the split tests' own conftest
+    from split_toys import ToyTokenizer
 
     monkeypatch.setattr(tether.models, "load_tokenizer", lambda *a, **k: ToyTokenizer())
     out = tmp_path / "heads"
