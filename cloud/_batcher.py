@@ -77,6 +77,9 @@ class Batcher:
         model: the runtime; only this batcher may call it once started.
         batching: False runs each forward alone (the baseline batching is measured against).
         window_s: how long an idle worker waits for more requests after the first (seconds).
+        window_frac: the wait is at least this fraction of the recent forward time, so a
+            slow model (where a half-empty batch wastes most) waits a little longer for
+            the sessions that are on their way; still cut short once `expected` are queued.
         max_batch: most sequences per forward.
         max_batch_tokens: most new tokens per forward; a request larger than this runs alone.
         metrics: where batch sizes, queue waits and forward latencies are recorded.
@@ -91,6 +94,7 @@ class Batcher:
         *,
         batching: bool = True,
         window_s: float = 0.003,
+        window_frac: float = 0.0,
         max_batch: int = 8,
         max_batch_tokens: int = 512,
         metrics: Metrics | None = None,
@@ -100,6 +104,8 @@ class Batcher:
         self.expected = expected
         self.batching = batching
         self.window_s = window_s
+        self.window_frac = window_frac
+        self._forward_s = 0.0  # moving average of the forward wall time
         self.max_batch = max_batch if batching else 1
         self.max_batch_tokens = max_batch_tokens
         self.metrics = metrics
@@ -247,8 +253,9 @@ class Batcher:
             first = self._queue[0]
             if self.batching and first.fn is None and self.max_batch > 1:
                 # Give other sessions a moment to join, measured from the first arrival.
+                window = max(self.window_s, self.window_frac * self._forward_s)
                 while len(self._queue) < self._target():
-                    remaining = first.enqueued + self.window_s - time.perf_counter()
+                    remaining = first.enqueued + window - time.perf_counter()
                     if remaining <= 0:
                         break
                     self._wakeup.clear()
@@ -279,6 +286,7 @@ class Batcher:
                     self._fail(item, exc)
                 continue
             elapsed = time.perf_counter() - start
+            self._forward_s = elapsed if self._forward_s == 0.0 else 0.8 * self._forward_s + 0.2 * elapsed
             self.forwards += 1
             self.sequences += len(batch)
             m = self.metrics

@@ -31,6 +31,10 @@ class CloudConfig:
             sessions are evicted (reason "memory") to stay under it.
         batching: run forward passes of different sessions together.
         batch_window_s: how long an idle worker waits for more requests after the first.
+        batch_window_frac: ... or this fraction of the recent forward time, if longer (a
+            model that takes a second per forward waits up to 50 ms for other active
+            sessions rather than running a half-empty batch). Never waits once every
+            recently active session has a request queued; a lone session never waits.
         max_batch: most sequences in one batched forward.
         max_batch_tokens: most new tokens in one batched forward (a long prefill runs alone).
         prefill_chunk: prompts are run in chunks of at most this many tokens, so other
@@ -49,6 +53,7 @@ class CloudConfig:
     kv_budget_bytes: int = 4 * 1024**3
     batching: bool = True
     batch_window_s: float = 0.003
+    batch_window_frac: float = 0.05
     max_batch: int = 8
     max_batch_tokens: int = 512
     prefill_chunk: int = 256
@@ -60,7 +65,7 @@ class CloudConfig:
             value = getattr(self, f.name)
             if isinstance(value, bool):
                 continue
-            minimum = 0 if f.name in ("batch_window_s",) else 1e-9
+            minimum = 0 if f.name in ("batch_window_s", "batch_window_frac") else 1e-9
             if not value >= minimum:
                 raise ConfigurationError(f"cloud config: {f.name} must be > 0, got {value!r}")
 

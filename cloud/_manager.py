@@ -88,7 +88,8 @@ class SessionManager:
         self.model_name = model_name or model.info.name
         self._names = {self.model_name, model.info.name, *aliases}
         cfg = self.config
-        self.batcher = Batcher(model, batching=cfg.batching, window_s=cfg.batch_window_s, max_batch=cfg.max_batch,
+        self.batcher = Batcher(model, batching=cfg.batching, window_s=cfg.batch_window_s,
+                               window_frac=cfg.batch_window_frac, max_batch=cfg.max_batch,
                                max_batch_tokens=cfg.max_batch_tokens, metrics=self.metrics,
                                expected=self._active_sessions)
         self.max_tokens = min(cfg.max_tokens, model.info.max_positions)

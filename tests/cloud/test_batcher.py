@@ -137,3 +137,16 @@ async def test_call_runs_exclusively_and_close_fails_queued() -> None:
     for t in (queued, running):
         with pytest.raises(Exception, match="shut down"):
             await t
+
+
+async def test_window_grows_with_the_forward_time() -> None:
+    lm = FakeLM(delay=0.2)
+    b = Batcher(lm, window_s=0.0, window_frac=0.5, max_batch=8, expected=lambda: 3)
+    await b.extend(lm.new_state(), [1])  # learns that a forward takes ~0.2 s
+    lm.batches.clear()
+    first = asyncio.ensure_future(b.extend(lm.new_state(), [1]))
+    await asyncio.sleep(0.05)  # well inside the ~0.1 s window
+    late = asyncio.ensure_future(b.extend(lm.new_state(), [1]))
+    await asyncio.gather(first, late)
+    assert lm.batches == [2]
+    await b.aclose()

@@ -15,7 +15,7 @@ def test_bench_serve_runs_on_a_tiny_model(tmp_path: Path) -> None:
     build_tiny_byte_model(seed=0).save_pretrained(model_dir)
     build_byte_tokenizer().save_pretrained(model_dir)
     out = tmp_path / "serve.json"
-    report = main(["--model", str(model_dir), "--sessions", "1", "2", "--rounds", "2", "--out", str(out),
+    report = main(["--model", str(model_dir), "--sessions", "1", "2", "--rounds", "2", "--repeats", "1", "--out", str(out),
                    "--docs", str(tmp_path)])
     assert json.loads(out.read_text())["benchmark"] == "serve"
     rows = report["results"]
