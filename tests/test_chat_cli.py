@@ -7,11 +7,14 @@ Qwen2, the edge a noisy copy of it, so drafts are sometimes accepted and sometim
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -45,6 +48,35 @@ def save_tiny_pair(root: Path) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def tiny_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return save_tiny_pair(tmp_path_factory.mktemp("chat-pair"))
+
+
+@contextlib.contextmanager
+def serve_tiny(model_dir: Path, keys_dir: Path) -> Iterator[tuple[str, str, str]]:
+    """Run `tether serve` on a model directory; yields ``(url, fingerprint, public key)`` from its banner."""
+    from tether.protocol import KeyPair
+
+    KeyPair.generate().save(keys_dir)
+    proc = subprocess.Popen(
+        [*TETHER, "serve", "--model", str(model_dir), "--keys", str(keys_dir), "--port", "0", "--http-port", "-1",
+         "--threads", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        url = fingerprint = key = None
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if m := re.search(r"listening\s+(ws://\S+)", line):
+                url = m.group(1)
+            if m := re.search(r"server key (\S+)\s+\(clients pin this key: (\S+)\)", line):
+                fingerprint, key = m.group(1), m.group(2)
+            if url and key:
+                break
+        assert url and fingerprint and key, "tether serve did not print its address and key"
+        yield url, fingerprint, key
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def _env() -> dict[str, str]:
@@ -169,3 +201,19 @@ def test_generate_json_speculative_equals_cloud(tiny_pair: tuple[Path, Path]) ->
     # The edge's drafts were both accepted and corrected, yet the output is the cloud's.
     assert by_origin["edge-accepted"] > 0 and by_origin["cloud-corrected"] > 0
     assert stats["cloud_forward_passes"] < 32
+
+
+def test_chat_with_a_remote_server(tiny_pair: tuple[Path, Path], tmp_path: Path) -> None:
+    edge_dir, cloud_dir = tiny_pair
+    with serve_tiny(cloud_dir, tmp_path / "server") as (url, fingerprint, key):
+        base = [*TETHER, "chat", "--server", url, "--edge-model", str(edge_dir), "--prompt", "hello", "-n", "8",
+                "--no-color"]
+        done = subprocess.run([*base, "--server-key", key], env=_env(), stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=120)
+        # A fingerprint identifies a key but cannot pin it: the error says what to pass instead.
+        wrong = subprocess.run([*base, "--server-key", fingerprint], env=_env(), stdin=subprocess.DEVNULL,
+                               capture_output=True, text=True, timeout=120)
+    assert wrong.returncode != 0 and "clients pin this key" in wrong.stderr
+    assert done.returncode == 0, done.stderr
+    assert "speculative · 8 tok" in done.stdout and f"link {url}" in done.stdout
+    assert "degraded" not in done.stdout

@@ -406,7 +406,8 @@ def chat(
     server: Annotated[Optional[str], typer.Option(
         "--server", help="A `tether serve` URL (ws://host:port); default: the cloud runs in this process.")] = None,
     server_key: Annotated[Optional[str], typer.Option(
-        "--server-key", help="The server's public key or fingerprint, as `tether serve` prints it.")] = None,
+        "--server-key", help="The server's public key to pin (base64, or its public.key file), as `tether serve` "
+        "prints it after 'clients pin this key:'.")] = None,
     edge_model: Annotated[Optional[str], typer.Option(
         "--edge-model", help="Edge model: registry name or Hugging Face model directory.")] = None,
     cloud_model: Annotated[Optional[str], typer.Option(
@@ -430,6 +431,9 @@ def chat(
         raise typer.BadParameter(f"--mode must be one of {', '.join(MODES)}")
     if (server is None) != (server_key is None):
         raise typer.BadParameter("--server and --server-key go together")
+    if server_key is not None and server_key.startswith("SHA256:"):
+        raise typer.BadParameter("that is the key's fingerprint, which cannot be pinned: pass the public key itself, "
+                                 "as `tether serve` prints it after 'clients pin this key:' (or its public.key file)")
     if threshold is not None and mode not in ("route-query", "route-token", "split"):
         raise typer.BadParameter("--threshold applies to route-query, route-token and split")
     interactive = prompt is None and sys.stdin.isatty()
@@ -441,8 +445,8 @@ def chat(
         t0 = time.perf_counter()
         if server is not None:
             err.print(f"[dim]connecting to {_escape(server)}…[/dim]")
-            client = Client.connect(server, server_key=server_key or "", edge_model=edge_model,
-                                    edge_backend=edge_backend, edge_threads=threads)
+            client = _connect(server, server_key=server_key or "", edge_model=edge_model,
+                              edge_backend=edge_backend, edge_threads=threads)
         else:
             client = Client.local(edge_model, cloud_model, edge_backend=edge_backend, edge_threads=threads)
             if mode != "edge":
@@ -476,6 +480,32 @@ def chat(
         session.repl()
     finally:
         client.close()
+
+
+class _Connecting:
+    """`EdgeClient.connect(...)` as both a zero-argument callable and an awaitable.
+
+    `Client.connect` hands `Client` a callable, but `Client.__init__` awaits what it is given
+    without calling it (a TypeError); this object works either way, so ``--server`` works
+    before and after that is fixed.
+    """
+
+    def __init__(self, url: str, kwargs: dict[str, Any]) -> None:
+        self.url, self.kwargs = url, kwargs
+
+    def __call__(self) -> Any:
+        from tether.edge import EdgeClient
+
+        return EdgeClient.connect(self.url, **self.kwargs)
+
+    def __await__(self) -> Any:
+        return self().__await__()
+
+
+def _connect(url: str, **kwargs: Any) -> Client:
+    from tether.edge import Client
+
+    return Client(_Connecting(url, kwargs))
 
 
 def _default_cloud() -> str:
