@@ -99,18 +99,21 @@ def test_chat_in_a_terminal(tiny_pair: tuple[Path, Path]) -> None:
         child.expect("you ›")
         child.sendline("What is a prime number?")
         # The status line after the streamed answer: mode, tokens, acceptance, cloud share, speed, link.
-        child.expect(r"speculative · 24 tok · acceptance \d+% · cloud share \d+% · [\d.]+ tok/s · link in-process")
+        child.expect(r"  speculative · 24 tok · acceptance \d+% · cloud share \d+% · [\d.]+ tok/s · link in-process")
         child.expect("you ›")
         child.sendline("/mode edge")
         child.expect("mode → ")
         child.expect("you ›")
         child.sendline("And an even one?")
-        child.expect(r"edge · 24 tok · acceptance - · cloud share 0% · [\d.]+ tok/s · link in-process")
+        child.expect(r"edge · 24 tok · cloud share 0% · [\d.]+ tok/s · link in-process \(cloud idle\)|"
+                     r"edge · 24 tok · cloud share 0% · [\d.]+ tok/s · link in-process")
         child.expect("you ›")
         child.sendline("/mode route-token")
         child.expect("threshold 0.6")
         child.sendline("/threshold 0.9")
         child.expect("threshold → 0.9")
+        child.sendline("Route this one.")
+        child.expect(r"route-token · \d+ tok · routed \d+ tok · cloud share \d+%")
         child.sendline("/stats")
         child.expect("cloud share")
         child.expect("you ›")
@@ -165,6 +168,14 @@ def test_chat_prompt_is_non_interactive(tiny_pair: tuple[Path, Path]) -> None:
                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "route-query · " in done.stdout and "routed to " in done.stdout
+    from tether._model_registry import install_state
+    from tether.models import registry
+
+    absent = [spec.name for spec in registry() if install_state(spec)[0].value != "installed"]
+    if absent:  # a registry model whose weights are not installed: the error says what to run
+        missing = subprocess.run([*TETHER, "chat", "--edge-model", absent[0], "--mode", "edge", "--prompt", "hi"],
+                                 env=_env(), stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+        assert missing.returncode == 1 and "pip install" in missing.stderr and "Traceback" not in missing.stderr
     # No --prompt and stdin not a terminal: the demo prompt, answered once, no waiting for input.
     demo = subprocess.run(base, env=_env(), stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
     assert demo.returncode == 0, demo.stderr

@@ -225,16 +225,22 @@ class ChatSession:
         parts = [stats.mode if stats is not None else self.mode]
         if stats is not None:
             parts.append(f"{stats.completion_tokens} tok")
-            parts.append(f"acceptance {_pct(stats.acceptance_rate)}")
-            parts.append(f"cloud share {_pct(stats.cloud_share)}")
+            if stats.drafted_tokens or stats.mode == "speculative":
+                parts.append(f"acceptance {_pct(stats.acceptance_rate)}")
             route = getattr(stats, "route", None)
             if route:
                 parts.append(f"routed to {route}")
+            elif stats.mode == "route-token":
+                parts.append(f"routed {len(getattr(stats, 'routed_positions', ()))} tok")
+            if stats.mode == "split":
+                parts.append(f"early exits {getattr(stats, 'early_exits', 0)}")
+            parts.append(f"cloud share {_pct(stats.cloud_share)}")
             parts.append(f"{stats.tokens_per_s or 0.0:.1f} tok/s")
         parts.append(f"link {self.link_state(stats)}")
-        line = Text("  " + " · ".join(parts), style="dim")
+        line = Text(no_wrap=True, overflow="ellipsis")
         if live:
-            line.append("  (Ctrl-C stops)", style="dim italic")
+            line.append("  ● Ctrl-C stops", style="yellow")
+        line.append("  " + " · ".join(parts), style="dim")
         return line
 
     def print_stats(self) -> None:
