@@ -228,3 +228,49 @@ def test_chat_with_a_remote_server(tiny_pair: tuple[Path, Path], tmp_path: Path)
     assert done.returncode == 0, done.stderr
     assert "speculative · 8 tok" in done.stdout and f"link {url}" in done.stdout
     assert "degraded" not in done.stdout
+
+
+def test_chat_session_history_commands_and_modes(tiny_pair: tuple[Path, Path]) -> None:
+    """The REPL's session object in this process: multi-turn history, every mode, commands."""
+    import io
+
+    from rich.console import Console
+
+    from tether.chat_cli import MAX_HISTORY_MESSAGES, ChatSession
+    from tether.edge import Client
+
+    edge_dir, cloud_dir = tiny_pair
+    out = io.StringIO()
+    console = Console(file=out, width=200, no_color=True, highlight=False)
+    with Client.local(str(edge_dir), str(cloud_dir)) as client:
+        chat = ChatSession(client, console, mode="speculative", max_new_tokens=6)
+        assert chat.multi_turn  # the tokenizer has a chat template
+        assert chat.ask("first question")
+        first_prompt = chat.last.prompt_tokens  # type: ignore[union-attr]
+        assert [m["role"] for m in chat.history] == ["user", "assistant"]
+        assert chat.ask("second question")
+        # The second prompt holds the first turn, through the chat template.
+        assert chat.last.prompt_tokens > first_prompt + len("second question")  # type: ignore[union-attr]
+        assert [m["role"] for m in chat.history] == ["user", "assistant"] * 2
+        for mode in ("cloud", "edge", "route-query", "route-token", "split"):
+            assert chat.command(f"/mode {mode}") and chat.mode == mode
+            assert chat.ask(f"in {mode}"), out.getvalue()[-500:]
+            assert chat.last is not None and chat.last.mode == mode
+        chat.command("/threshold 0.5")
+        assert chat.thresholds["split"] == 0.5
+        chat.command("/threshold 2")
+        assert "in (0, 1]" in out.getvalue() and chat.thresholds["split"] == 0.5
+        chat.command("/threshold off")
+        assert chat.thresholds["split"] is None
+        chat.command("/mode edge")
+        chat.command("/threshold 0.3")
+        assert "has no threshold" in out.getvalue()
+        chat.command("/stats")
+        assert "edge-accepted" in out.getvalue() and f"{chat.totals.answers}" in out.getvalue()
+        assert chat.totals.answers == 7
+        assert len(chat.history) == min(14, MAX_HISTORY_MESSAGES)
+        chat.command("/reset")
+        assert chat.history == [] and chat.totals.answers == 0 and chat.last is None
+        chat.command("/bogus")
+        assert "unknown command /bogus" in out.getvalue()
+        assert chat.command("/quit") is False
