@@ -2,7 +2,8 @@
 
 Start a server (it prints its URL and the key to pin):
 
-    tether serve --model qwen2.5-coder-1.5b --port 8765
+    tether keys generate ./server-keys
+    tether serve --model qwen2.5-coder-1.5b --keys ./server-keys --port 8765
 
 then, on the device:
 
