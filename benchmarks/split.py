@@ -100,11 +100,16 @@ def _model_name() -> str:
     return DEFAULT_CLOUD_MODEL
 
 
+_LOADED: list[tuple[Any, Any]] = []
+
+
 def _model() -> tuple[Any, Any]:
-    """(runtime, tokenizer) of the model under test (tests swap in a tiny one)."""
+    """(runtime, tokenizer) of the model under test, loaded once per process (tests swap in a tiny one)."""
     from tether.runtime._loader import load_runtime
 
-    return load_runtime(_model_name(), "torch", progress=False)
+    if not _LOADED:
+        _LOADED.append(load_runtime(_model_name(), "torch", progress=False))
+    return _LOADED[0]
 
 
 def _tokenizer() -> Any:
@@ -184,7 +189,7 @@ def stage_train(budget: Budget, max_tokens: int = 24_000, epochs: int = 4) -> bo
     written = train_exit_heads(
         _model_name(), EXIT_LAYERS, sequences=sequences, cache=cache_dir() / "exit_data",
         out={k: _head_path(k) for k in EXIT_LAYERS}, epochs=epochs, budget_s=max(1.0, budget.end - time.monotonic()),
-        log=lambda s: print(s, flush=True),
+        log=lambda s: print(s, flush=True), runtime=_model()[0],
     )
     return written is not None
 
@@ -621,12 +626,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     budget = Budget(args.budget_s)
     names = list(STAGES) if args.stage == "all" else ([] if args.stage == "report" else [args.stage])
+    complete = True
     for name in names:
         done = STAGES[name](budget)
         print(f"stage {name}: {'done' if done else 'incomplete (run again)'}", flush=True)
         if not done:
+            complete = False
             break
-    if args.stage in ("report", "all"):
+    if args.stage == "all" and complete:
+        print("split benchmark: all stages done", flush=True)
+    if args.stage == "report" or (args.stage == "all" and complete):
         data = report()
         print(json.dumps(data["targets"], indent=2, default=str))
 

@@ -62,11 +62,13 @@ def train_exit_heads(
     model: str, layers: Sequence[int], *, sequences: list[list[int]], cache: Path, out: dict[int, Path],
     shortlist: int = 8192, rank: int = 128, epochs: int = 4, target_agreement: float = 0.98,
     budget_s: float | None = None, seed: int = 0, log: Callable[[str], None] = print,
+    runtime: Any = None,
 ) -> dict[int, Path] | None:
     """Collect (resumably) and train one exit head per layer; returns the written files,
     or None when the time budget ran out before collection finished (run again to continue).
 
-    The full model is loaded only while parts are missing from `cache`.
+    The full model is loaded only while parts are missing from `cache` (or `runtime`, an
+    already loaded `LayerwiseLM` of it, is used).
     """
     import torch
 
@@ -90,9 +92,10 @@ def train_exit_heads(
         from tether.runtime import TorchCausalLM
 
         log(f"collecting {len(missing)} of {len(groups)} parts ({sum(len(s) for s in sequences)} tokens in all)")
-        hf = AutoModelForCausalLM.from_pretrained(ensure_hf_dir(model, progress=False), dtype=torch.float32)
-        hf.train(False)
-        runtime = TorchCausalLM(hf, name=model)
+        if runtime is None:
+            hf = AutoModelForCausalLM.from_pretrained(ensure_hf_dir(model, progress=False), dtype=torch.float32)
+            hf.train(False)
+            runtime = TorchCausalLM(hf, name=model)
         for g in missing:
             if budget_s is not None and time.monotonic() - started > budget_s:
                 log(f"time budget spent: {len(missing) - missing.index(g)} parts left; run again to continue")
@@ -102,7 +105,7 @@ def train_exit_heads(
             for k in cuts:
                 collected[k].save(part(g, k))
             log(f"part {g + 1}/{len(groups)}: {len(collected[cuts[0]])} positions in {time.perf_counter() - t0:.1f}s")
-        del runtime, hf
+        runtime = None
     head_weight, norm_weight, eps = _head_weights(Path(ensure_hf_dir(model, progress=False)))
     written = {}
     for k in cuts:
