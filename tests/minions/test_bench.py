@@ -51,3 +51,11 @@ def test_final_answer_and_selection() -> None:
     assert bench.final_answer("Cobalt: 1,196\nHarbor: 3,598\nAnswer: 4,794") == "4,794"
     assert bench.final_answer("4794") == "4794"
     assert [len(d.questions) for d in bench.select(None, 1)] == [1, 1]
+
+
+def test_targets_without_the_cloud_only_baseline() -> None:
+    rows = {"minions": [row("minions", "a", True, 2_000)], "minion": [row("minion", "a", False, 800)]}
+    targets = {t["method"]: t for t in bench.summarise(rows)["targets"]}
+    assert targets["minions"]["met"] is None  # 10x vs the whole-document prompt, accuracy unknown
+    assert "cloud-only accuracy not measured" in targets["minions"]["measured"]
+    assert targets["minion"]["met"] is True  # 25x
