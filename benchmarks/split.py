@@ -177,7 +177,7 @@ def stage_reference(budget: Budget) -> bool:
     return True
 
 
-def stage_train(budget: Budget, max_tokens: int = 24_000, epochs: int = 4) -> bool:
+def stage_train(budget: Budget, max_tokens: int = 24_000, epochs: int = 2, min_train_s: float = 150.0) -> bool:
     """Exit heads for EXIT_LAYERS with the CLI's training function; True when both exist."""
     if all(_head_path(k).is_file() for k in EXIT_LAYERS):
         return True
@@ -189,7 +189,7 @@ def stage_train(budget: Budget, max_tokens: int = 24_000, epochs: int = 4) -> bo
     written = train_exit_heads(
         _model_name(), EXIT_LAYERS, sequences=sequences, cache=cache_dir() / "exit_data",
         out={k: _head_path(k) for k in EXIT_LAYERS}, epochs=epochs, budget_s=max(1.0, budget.end - time.monotonic()),
-        log=lambda s: print(s, flush=True), runtime=_model()[0],
+        log=lambda s: print(s, flush=True), runtime=_model()[0], skip_existing=True, min_train_s=min_train_s,
     )
     return written is not None
 

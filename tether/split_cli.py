@@ -62,13 +62,15 @@ def train_exit_heads(
     model: str, layers: Sequence[int], *, sequences: list[list[int]], cache: Path, out: dict[int, Path],
     shortlist: int = 8192, rank: int = 128, epochs: int = 4, target_agreement: float = 0.98,
     budget_s: float | None = None, seed: int = 0, log: Callable[[str], None] = print,
-    runtime: Any = None,
+    runtime: Any = None, skip_existing: bool = False, min_train_s: float = 0.0,
 ) -> dict[int, Path] | None:
     """Collect (resumably) and train one exit head per layer; returns the written files,
     or None when the time budget ran out before collection finished (run again to continue).
 
     The full model is loaded only while parts are missing from `cache` (or `runtime`, an
-    already loaded `LayerwiseLM` of it, is used).
+    already loaded `LayerwiseLM` of it, is used). With `skip_existing`, layers whose head
+    file exists are not retrained; with a budget, a layer's training starts only while at
+    least `min_train_s` of it is left (else None: run again).
     """
     import torch
 
@@ -109,6 +111,12 @@ def train_exit_heads(
     head_weight, norm_weight, eps = _head_weights(Path(ensure_hf_dir(model, progress=False)))
     written = {}
     for k in cuts:
+        if skip_existing and out[k].is_file():
+            written[k] = out[k]
+            continue
+        if budget_s is not None and budget_s - (time.monotonic() - started) < min_train_s:
+            log(f"layer {k}: not enough of the time budget left to train; run again to continue")
+            return None
         data = ExitData.concat([ExitData.load(part(g, k)) for g in range(len(groups))])
         log(f"layer {k}: training on {len(data)} positions (shortlist {shortlist}, rank {rank}, {epochs} epochs)")
         torch.manual_seed(seed)
