@@ -9,7 +9,7 @@ Stages (each resumable: results are cached per prompt / per configuration in
 ``benchmarks/results/split_cache/``, and each stage stops after ``--budget-s`` seconds so it
 fits the shared machine's memory lock; run again to continue):
 
-- ``reference``: the unsplit model's greedy output (32 tokens) for 24 coding prompts.
+- ``reference``: the unsplit model's greedy output (32 tokens) for 20 coding prompts.
 - ``train``: exit heads for k = 14 and 21 (`tether split train-exit` on its built-in
   corpus: HumanEval solutions as chat + standard-library code; none of the benchmark prompts).
 - ``agreement``: teacher-forced along each reference output, for every k and compression,
@@ -76,7 +76,7 @@ PROMPTS = (
     "What is a closure in JavaScript?",
     "Write a Python function that flattens a nested list.",
     "How do I remove duplicates from a list while keeping order in Python?",
-)
+)[:20]  # 20 prompts x 32 tokens: the issue's minimum, sized to the shared machine's lock
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -177,7 +177,7 @@ def stage_reference(budget: Budget) -> bool:
     return True
 
 
-def stage_train(budget: Budget, max_tokens: int = 24_000, epochs: int = 2, min_train_s: float = 150.0) -> bool:
+def stage_train(budget: Budget, max_tokens: int = 12_000, epochs: int = 3, min_train_s: float = 150.0) -> bool:
     """Exit heads for EXIT_LAYERS with the CLI's training function; True when both exist."""
     if all(_head_path(k).is_file() for k in EXIT_LAYERS):
         return True
