@@ -219,10 +219,10 @@ def stage_agreement(budget: Budget) -> bool:
         positions = list(range(first, len(seq) - 1))  # position p predicts seq[p + 1]
         entry: dict[str, Any] = {"targets": [seq[p + 1] for p in positions], "k": {}}
         with torch.inference_mode():
-            for k in K_LIST:
-                state = rt.new_state()
-                hidden = rt.run_layers(state, rt.embed(seq), 0, k)  # [n, H]
-                rt.release(state)
+            edge_state, hidden, done = rt.new_state(), rt.embed(seq), 0
+            for k in sorted(K_LIST):
+                hidden = rt.run_layers(edge_state, hidden, done, k)  # [n, H]: the device's rows at layer k
+                done = k
                 row: dict[str, Any] = {"compression": {}, "exit": {}}
                 for name in COMPRESSIONS:
                     sent = roundtrip(get_codec(name), hidden)
@@ -241,6 +241,7 @@ def stage_agreement(budget: Budget) -> bool:
                     row["exit"]["trained"] = {"confidence": [round(float(c), 5) for c in conf],
                                               "tokens": head.vocab_ids[index].tolist()}
                 entry["k"][str(k)] = row
+            rt.release(edge_state)
         entry["seconds"] = round(time.perf_counter() - t0, 2)
         agree[i] = entry
         _save("agreement", agree)
