@@ -120,6 +120,7 @@ def test_chat_in_a_terminal(tiny_pair: tuple[Path, Path]) -> None:
         child.sendline("/mode nonsense")
         child.expect("unknown mode")
         child.sendline("/mode speculative")
+        child.expect("mode → ")
         child.expect("you ›")
         # Ctrl-C while nothing runs only reminds how to leave.
         child.sendintr()

@@ -345,19 +345,18 @@ class ChatSession:
         while True:
             try:
                 line = input(prompt).strip()
+                if not line:
+                    continue
+                if line.startswith("/"):
+                    if not self.command(line):
+                        break
+                    continue
+                self.ask(line)
             except EOFError:
                 self.console.print()
                 break
-            except KeyboardInterrupt:
+            except KeyboardInterrupt:  # at the prompt, or between answers: the session goes on
                 self.console.print("\n[dim](Ctrl-C: /quit or Ctrl-D leaves)[/dim]")
-                continue
-            if not line:
-                continue
-            if line.startswith("/"):
-                if not self.command(line):
-                    break
-                continue
-            self.ask(line)
         self.console.print("[dim]bye[/dim]")
 
 
