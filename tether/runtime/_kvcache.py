@@ -216,7 +216,7 @@ class TorchKVState(KVState):
         return twin
 
     def _release(self) -> None:
-        """Drop the tensors; any later use raises `RuntimeStateError`. Releasing twice is a no-op."""
+        """Drop the tensors; any later use raises `RuntimeStateError`. Idempotent."""
         self._keys = [None] * len(self._keys)
         self._values = [None] * len(self._values)
         self._released = True

@@ -40,7 +40,9 @@ _ONEDNN_MIN_WEIGHTS = 2_000_000
 _ONEDNN_MIN_IN_FEATURES = 256
 
 
-def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _onednn_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
     # oneDNN's fp32 matmul without prepacking, so the weights are not copied. The default
     # fp32 path (MKL sgemm) reads the weights 1.5x slower for one row and 2x slower for
     # 2-8 rows (decode batches, draft blocks) here.
@@ -66,7 +68,8 @@ def _bind_linear(module: torch.nn.Module, *, onednn: bool) -> Linear:
     if type(module) is not torch.nn.Linear:  # a subclass may change forward (LoRA, quantised)
         return module  # type: ignore[no-any-return]
     weight, bias = module.weight, module.bias
-    if onednn and weight.numel() >= _ONEDNN_MIN_WEIGHTS and weight.shape[1] >= _ONEDNN_MIN_IN_FEATURES:
+    large = weight.numel() >= _ONEDNN_MIN_WEIGHTS and weight.shape[1] >= _ONEDNN_MIN_IN_FEATURES
+    if onednn and large:
         return functools.partial(_onednn_linear, weight=weight, bias=bias)
     # F.linear directly skips nn.Module.__call__ (hooks, a few microseconds x 7 x layers).
     return functools.partial(F.linear, weight=weight, bias=bias)
@@ -220,7 +223,8 @@ class TorchCausalLM(LayerwiseLM):
         )
 
     def __repr__(self) -> str:
-        return f"TorchCausalLM({self.info.name!r}, dtype={self._dtype}, layers={self.info.num_layers})"
+        info = self.info
+        return f"TorchCausalLM({info.name!r}, dtype={self._dtype}, layers={info.num_layers})"
 
     @property
     def dtype(self) -> torch.dtype:
@@ -402,7 +406,9 @@ class TorchCausalLM(LayerwiseLM):
         n_heads, n_kv, d = self._num_heads, self._num_kv_heads, self._head_dim
 
         # Positions of the new tokens, sequence after sequence: [N].
-        positions = torch.cat([torch.arange(p, p + n, device=device) for p, n in zip(pasts, seq_lens)])
+        positions = torch.cat(
+            [torch.arange(p, p + n, device=device) for p, n in zip(pasts, seq_lens)]
+        )
         cos, sin = self._rotary_emb(hidden, positions[None])  # each [1, N, D]
         cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [N, 1, D], broadcast over heads
 
