@@ -546,7 +546,7 @@ class Client:
             if isinstance(build, EdgeClient):
                 self.aclient = build
             else:
-                self.aclient = self._call(_await(build))
+                self.aclient = self._call(_await(build()))
         except BaseException:
             self._stop_loop()
             raise

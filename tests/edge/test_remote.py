@@ -45,3 +45,16 @@ async def test_connect_with_wrong_key_fails_fast(server, edge_model) -> None:  #
 
     with pytest.raises(TetherError):
         await EdgeClient.connect(server.url, server_key=KeyPair.generate().public.to_text(), edge_model=edge_model)
+
+
+async def test_sync_client_connect(server, edge_model) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    from tether.edge import Client
+
+    def run() -> list[int]:
+        with Client.connect(server.url, server_key=server.keys.public.to_text(), edge_model=edge_model) as client:
+            return client.generate("remote hello", mode="cloud", max_new_tokens=5).token_ids
+
+    # The blocking client runs its own loop thread; keep this test's loop free to serve it.
+    assert len(await asyncio.to_thread(run)) == 5
