@@ -40,7 +40,7 @@ async def run(url: str, server_key: str, edge_model: str | None, prompt: str, ma
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("url", help="the server's ws:// or wss:// URL")
-    p.add_argument("--server-key", required=True, help="the server's public key or fingerprint, as printed")
+    p.add_argument("--server-key", required=True, help="the server's public key or its SHA256: fingerprint, as tether serve prints them")
     p.add_argument("--prompt", default="Write a Python function that reverses a string.")
     args = p.parse_args(argv)
     return asyncio.run(run(args.url, args.server_key, args.edge_model, args.prompt, args.max_new_tokens))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import ssl as ssl_module
 import time
 from collections.abc import Collection
@@ -332,8 +333,12 @@ async def connect(
     Args:
         url: ``ws://host:port`` or ``wss://host:port`` (TLS outside, Noise inside).
         client_keys: this client's static key pair (its identity on the allowlist).
-        server_public_key: the pinned server key (PublicKey, base64 text or a key file);
-            any other key is refused with ServerKeyMismatch naming both fingerprints.
+        server_public_key: the pinned server key (PublicKey, base64 text or a key file),
+            or its fingerprint (``SHA256:...``, as `tether serve` and `tether keys show`
+            print it): the key is then learnt from the server with the first two XX
+            messages (our own key is not sent), checked against the fingerprint, and the
+            handshake proceeds pinned to it. Any other key is refused with
+            ServerKeyMismatch naming both fingerprints.
         token: bearer token, sent only inside the encrypted channel.
         pattern: "IK" (one round trip) or "XX" (the server's key travels encrypted).
         limits: limits for what this client accepts.
@@ -354,12 +359,15 @@ async def connect(
         PeerClosed: the server closed the connection during the handshake.
         OSError: the server could not be reached.
     """
-    server_key = load_public_key(server_public_key)
     limits = limits or Limits()
     if pattern not in ("IK", "XX"):
         raise UsageError(f"pattern must be 'IK' or 'XX', not {pattern!r}")
     try:
         async with asyncio.timeout(open_timeout):
+            if _is_fingerprint(server_public_key):
+                server_key = await _key_for_fingerprint(url, str(server_public_key), limits=limits, ssl=ssl, proxy=proxy)
+            else:
+                server_key = load_public_key(server_public_key)
             return await _connect(
                 url,
                 client_keys,
@@ -457,6 +465,26 @@ async def _connect(
     _raise_ws_limit(ws, limits)
     driver.start()
     return Connection(driver, protocol, url)
+
+
+FINGERPRINT_PREFIX = "SHA256:"
+
+
+def _is_fingerprint(value: object) -> bool:
+    return isinstance(value, str) and value.startswith(FINGERPRINT_PREFIX)
+
+
+async def _key_for_fingerprint(
+    url: str, fingerprint: str, *, limits: Limits, ssl: ssl_module.SSLContext | None, proxy: str | None
+) -> PublicKey:
+    """The server's static key, learnt by a probe and accepted only if it has `fingerprint`."""
+    actual = await _probe(url, limits=limits, ssl=ssl, proxy=proxy)
+    if actual is None:
+        raise HandshakeError(f"could not learn the server key of {url} to check fingerprint {fingerprint}")
+    # Fingerprints are public, but compare in constant time anyway: it costs nothing.
+    if not hmac.compare_digest(actual.fingerprint.encode(), fingerprint.strip().encode()):
+        raise ServerKeyMismatch(fingerprint.strip(), actual.fingerprint)
+    return actual
 
 
 async def _probe(url: str, *, limits: Limits, ssl: ssl_module.SSLContext | None, proxy: str | None) -> PublicKey | None:

@@ -436,9 +436,6 @@ def chat(
         raise typer.BadParameter(f"--mode must be one of {', '.join(MODES)}")
     if (server is None) != (server_key is None):
         raise typer.BadParameter("--server and --server-key go together")
-    if server_key is not None and server_key.startswith("SHA256:"):
-        raise typer.BadParameter("that is the key's fingerprint, which cannot be pinned: pass the public key itself, "
-                                 "as `tether serve` prints it after 'clients pin this key:' (or its public.key file)")
     if threshold is not None and mode not in ("route-query", "route-token", "split"):
         raise typer.BadParameter("--threshold applies to route-query, route-token and split")
     interactive = prompt is None and sys.stdin.isatty()

@@ -45,7 +45,7 @@ def generate(
     raw: Annotated[bool, typer.Option("--raw", help="Do not apply the chat template.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: text, token_ids, stats.")] = False,
     server: Annotated[Optional[str], typer.Option("--server", help="Cloud URL (ws://host:port); default: in-process.")] = None,
-    server_key: Annotated[Optional[str], typer.Option("--server-key", help="The server's public key (hex) or fingerprint.")] = None,
+    server_key: Annotated[Optional[str], typer.Option("--server-key", help="The server's public key (base64, or its public.key file) or its SHA256: fingerprint.")] = None,
     edge_model: Annotated[Optional[str], typer.Option("--edge-model", help="Edge model name or path.")] = None,
     cloud_model: Annotated[Optional[str], typer.Option("--cloud-model", help="Cloud model (in-process cloud).")] = None,
     edge_backend: Annotated[str, typer.Option("--edge-backend", help="torch, onnx-int4, onnx-int8, onnx-fp32.")] = "torch",

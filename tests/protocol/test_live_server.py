@@ -486,3 +486,17 @@ async def test_iterating_a_connection_directly(live_server: Any, server_keys: Ke
         assert (await conn.request(TOKENS)).length == 2
     assert seen == ["AppendTokens", "AppendTokens"]
 
+
+
+async def test_pin_by_fingerprint(live_server: Any, server_keys: KeyPair, client_keys: KeyPair) -> None:
+    """A `SHA256:` fingerprint pins the key too; a different server key is refused by name."""
+    server = await live_server(handler_for(Service()))
+    async with await open_client(server, client_keys, server_keys,
+                                 server_public_key=server_keys.public.fingerprint) as conn:
+        assert conn.peer_public_key == server_keys.public
+        assert await conn.request(TOKENS) == Appended(session_id="s", length=3)
+    other = KeyPair.generate().public.fingerprint
+    with pytest.raises(ServerKeyMismatch) as mismatch:
+        await open_client(server, client_keys, server_keys, server_public_key=other)
+    assert mismatch.value.expected == other
+    assert mismatch.value.actual == server_keys.public.fingerprint
