@@ -21,6 +21,7 @@ previous replies, and the edge model's non-abstaining results (answers and, unle
 from __future__ import annotations
 
 import json
+import re
 import time
 import weakref
 from collections.abc import Sequence
@@ -65,9 +66,10 @@ CLOUD_SYSTEM = (
     '{"action": "answer", "answer": "..."}\n'
     'when you can answer. "chunks" is "all", a list of chunk ids, or {"contains_any": ["keyword", ...]} '
     "(the chunks that contain a keyword: use a distinctive name from the task to skip unrelated chunks). "
-    "The local model is weak: give it simple extraction instructions, one fact each "
+    "The local model is weak: give it simple extraction instructions, one fact per job "
     '(e.g. "What was the revenue of the X division in Q3? Give the number."), and do any arithmetic yourself. '
-    "Chunks without the fact return nothing. Results come back as JSON lines with job, chunk, answer and citation."
+    "Never put figures you guess into instructions or hints: you do not know them. "
+    "Chunks without the fact return nothing. Results come back as JSON lines with job, chunks, answer and citation."
 )
 
 EDGE_SYSTEM = (
@@ -83,7 +85,7 @@ def worker_prompt(tokenizer: Any, chunk: Chunk, job: Job, *, max_new_tokens: int
     where = f" (section: {chunk.section})" if chunk.section else ""
     task = f"Task: {job.instruction}\n"
     if job.hints:
-        task += f"Hints: {job.hints}\n"
+        task += f"Hints (they may be wrong: take facts only from the excerpt): {job.hints}\n"
     task += "If the excerpt does not contain it, answer null. Reply with the JSON object only."
     segments = render_segments(tokenizer, [
         {"role": "system", "content": EDGE_SYSTEM},
@@ -137,16 +139,52 @@ def resolve(plan: Plan, chunks: Sequence[Chunk], n_docs: int, limits: PlanLimits
     return pairs
 
 
+_NUMBER = re.compile(r"(?<![\w.])\d[\d,]*(?:\.\d+)?")
+_SPACE = re.compile(r"\s+")
+
+
+def _numbers(text: str) -> set[str]:
+    return {m.group().replace(",", "").rstrip(".") for m in _NUMBER.finditer(text)}
+
+
+def grounded(answer: str, citation: str, chunk: Chunk) -> tuple[bool, str]:
+    """Check an edge result against its chunk, on the device (small models invent figures).
+
+    Returns (keep, citation): the result is dropped when its answer holds a number that the
+    chunk does not contain; the citation is kept only when it is a quote of the chunk
+    (whitespace and case aside).
+    """
+    in_chunk = _numbers(chunk.text)
+    keep = _numbers(answer) <= in_chunk
+    hay = _SPACE.sub(" ", chunk.text).casefold()
+    quote = _SPACE.sub(" ", citation).strip().casefold()
+    return keep, citation if quote and quote in hay else ""
+
+
+def _merge(results: Sequence[WorkerResult]) -> list[dict[str, Any]]:
+    """One line per (job, answer): the chunks that gave it, and the first citation."""
+    merged: dict[tuple[int, str], dict[str, Any]] = {}
+    for r in results:
+        key = (r.job, r.answer)
+        if key not in merged:
+            merged[key] = {"job": r.job, "chunks": [], "answer": r.answer}
+        line = merged[key]
+        line["chunks"].append(r.chunk)
+        if r.citation and "citation" not in line:
+            line["citation"] = r.citation
+    return list(merged.values())
+
+
 def _results_message(index: int, results: Sequence[WorkerResult], runs: int, empty_jobs: Sequence[int],
                      omitted: int, rounds_left: int) -> str:
     lines = [f"Results of round {index}: {len(results) + omitted} of {runs} runs found something."]
     if empty_jobs:
         lines.append("Jobs that selected no chunk: " + ", ".join(map(str, empty_jobs)) + ".")
-    lines += [json.dumps(r.to_dict(), ensure_ascii=False) for r in results]
+    lines += [json.dumps(r, ensure_ascii=False) for r in _merge(results)]
     if omitted:
         lines.append(f"({omitted} more results omitted.)")
-    lines.append(f"Rounds of jobs left: {rounds_left}." if rounds_left else
-                 'No rounds left: reply now with {"action": "answer", "answer": "..."}.')
+    lines.append(f"Rounds of jobs left: {rounds_left}. If these results answer the task, answer now." if rounds_left
+                 else 'No rounds left: reply now with {"action": "answer", "answer": "..."}.')
     return "\n".join(lines)
 
 
@@ -209,6 +247,7 @@ def minions_flow(
             outputs = reply.value
             round_cost.edge_s += reply.seconds
         results: list[WorkerResult] = []
+        ungrounded = 0
         for (j, c), out in zip(pairs, outputs, strict=True):
             round_cost.edge_calls += 1
             round_cost.edge_prompt_tokens += out.prompt_tokens
@@ -217,15 +256,22 @@ def minions_flow(
             parsed = parse_worker_reply(out.text, max_chars=options.max_result_chars)
             if parsed.answer is None:
                 continue
+            citation = parsed.citation
+            if options.grounding:
+                keep, citation = grounded(parsed.answer, citation, chunks[c])
+                if not keep:
+                    ungrounded += 1
+                    continue
             results.append(WorkerResult(job=j, chunk=c, answer=parsed.answer,
-                                        citation=parsed.citation if options.send_citations else ""))
+                                        citation=citation if options.send_citations else ""))
         sent = results[: options.max_results]
         empty_jobs = [j for j in range(len(turn.jobs)) if all(p[0] != j for p in pairs)]
         session.messages.append({"role": "user", "content": _results_message(
             index, sent, len(pairs), empty_jobs, len(results) - len(sent), max_rounds - index)})
         session.cost.rounds.append(round_cost)
         session.rounds.append(Round(index=index, cloud=exchanges, jobs=turn.jobs, results=tuple(sent),
-                                    edge_runs=len(pairs), abstained=len(pairs) - len(results), cost=round_cost))
+                                    edge_runs=len(pairs), abstained=len(pairs) - len(results) - ungrounded,
+                                    ungrounded=ungrounded, cost=round_cost))
     raise AssertionError("unreachable: the last round is forced to answer")  # pragma: no cover
 
 

@@ -47,6 +47,8 @@ class MinionsOptions:
         edge_cache_tokens: KV positions the edge keeps cached between calls (documents and
             chunks are prefilled once per client).
         reask: re-ask the cloud once when its reply breaks the schema (else fail at once).
+        grounding: MinionS: drop an edge result whose answer holds a number its chunk does
+            not contain, and a citation that is not a quote of its chunk (checked on the device).
         pricing: turns tokens into money in `AskResult.cost` (see `PriceTable`).
     """
 
@@ -61,6 +63,7 @@ class MinionsOptions:
     edge_batch: int = 16
     edge_cache_tokens: int = 32_768
     reask: bool = True
+    grounding: bool = True
     pricing: Pricing | None = None
 
     def __post_init__(self) -> None:
@@ -156,7 +159,8 @@ class Round:
         edge_answer: Minion: what the edge model replied (sent to the cloud).
         jobs: MinionS: the plan's jobs.
         results: MinionS: the non-abstaining results sent back.
-        edge_runs: edge replies generated; abstained: those dropped as abstentions.
+        edge_runs: edge replies generated; abstained: those dropped as abstentions;
+            ungrounded: those dropped because their answer's figures are not in their chunk.
         cost: this round's counters.
     """
 
@@ -168,6 +172,7 @@ class Round:
     results: tuple[WorkerResult, ...] = ()
     edge_runs: int = 0
     abstained: int = 0
+    ungrounded: int = 0
     cost: RoundCost = field(default_factory=RoundCost)
 
 
@@ -213,6 +218,7 @@ class AskResult:
                     "results": [x.to_dict() for x in r.results],
                     "edge_runs": r.edge_runs,
                     "abstained": r.abstained,
+                    "ungrounded": r.ungrounded,
                 }
                 for r in self.rounds
             ],

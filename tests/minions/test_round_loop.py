@@ -91,7 +91,8 @@ def test_minions_plan_run_synthesise(byte_tokenizer: Any) -> None:
     assert r1.results[0].answer == "120"
     # The cloud saw the compact results, not the chunks.
     second = clouds[1].messages[-1]["content"]
-    assert '{"job": 0, "chunk": 0, "answer": "120"' in second and "Rounds of jobs left: 1." in second
+    assert '{"job": 0, "chunks": [0], "answer": "120", "citation": "The Aurora team sold 120 units in March."}' \
+        in second and "Rounds of jobs left: 1." in second
     assert [m["role"] for m in clouds[1].messages] == ["system", "user", "assistant", "user"]
     # Costs: per-round cloud tokens as reported, edge tokens, the whole-document baseline.
     assert [r.cloud_calls for r in result.cost.rounds] == [1, 1]
@@ -150,7 +151,8 @@ def test_results_are_capped_and_citations_optional(byte_tokenizer: Any) -> None:
                               [jobs({"instruction": "Anything?"}), answer("x")],
                               lambda p: '{"answer": "a long answer indeed", "citation": "secret quote"}')
     sent = clouds[1].messages[-1]["content"]
-    assert sent.count('"job"') == 2 and "more results omitted" in sent
+    # Two results kept, both the same answer of the same job: one merged line.
+    assert sent.count('"job"') == 1 and '"chunks": [0, 1]' in sent and "more results omitted" in sent
     assert "secret quote" not in sent and '"a long ans"' in sent
 
 
@@ -255,3 +257,34 @@ def test_sync_client_ask(byte_edge: Any) -> None:
         result = client.ask("Borealis sales?", documents=[REPORT], remote=planner, max_rounds=1,
                             options=OPTS.replace(edge_max_tokens=4))
     assert result.answer == "75" and result.rounds[0].edge_runs == 1
+
+
+def test_ungrounded_results_are_dropped_on_the_device(byte_tokenizer: Any) -> None:
+    """A small model copies figures from hints or invents them: results must quote their chunk."""
+    def edge(prompt: Any) -> str:
+        text = chunk_text_of(byte_tokenizer, prompt)
+        if "Aurora team sold 120" in text:
+            return '{"answer": "120 units", "citation": "The Aurora team sold 120 units in March."}'
+        return '{"answer": "120000", "citation": "made-up quote"}'  # a figure not in this chunk
+
+    result, clouds, _ = drive(minions(byte_tokenizer), [jobs({"instruction": "Units sold by Aurora?"}), answer("120")],
+                              edge)
+    r1 = result.rounds[0]
+    assert [x.answer for x in r1.results] == ["120 units"] and r1.ungrounded == r1.edge_runs - 1
+    assert "120000" not in clouds[1].messages[-1]["content"]
+    # Without the check the invented figures go through, and a non-quote citation is kept.
+    result, _, _ = drive(minions(byte_tokenizer, options=OPTS.replace(grounding=False)),
+                         [jobs({"instruction": "Units sold by Aurora?"}), answer("120")], edge)
+    assert len(result.rounds[0].results) == result.rounds[0].edge_runs
+
+
+def test_grounded() -> None:
+    from tether.edge import Chunk
+    from tether.edge._minions import grounded
+
+    c = Chunk(id=0, document=0, section="", text="Q3 revenue was $1,196 thousand.\nHeadcount: 48.", start=0, tokens=9)
+    assert grounded("1,196", "Q3 revenue was $1,196   thousand.", c) == (True, "Q3 revenue was $1,196   thousand.")
+    assert grounded("1196 and 48", "", c) == (True, "")
+    assert grounded("Cobalt", "not a quote", c) == (True, "")
+    assert grounded("1,197", "x", c)[0] is False
+    assert grounded("3", "", c)[0] is False  # the 3 of "Q3" is not a figure
