@@ -137,7 +137,7 @@ def _resumable_prefill(model: Any, gen: Any, prefix: tuple[int, ...], name: str,
         if deadline is not None and time.monotonic() > deadline:
             break
         logits = model.extend(state, prefix[done:done + 512])
-        done, last = min(len(prefix), done + 512), logits[-1]
+        done, last = min(len(prefix), done + 512), logits[-1].clone()
         if time.monotonic() - t_save > 120 or done == len(prefix):
             print(f"  {name}: {done}/{len(prefix)} tokens prefilled", flush=True)
         if time.monotonic() - t_save > 120:
@@ -176,7 +176,8 @@ def _save_checkpoint(model: Any, state: Any, done: int, last: Any, path: Path) -
         held = [_kv_append(state)(layer, empty, empty) for layer in range(model.info.num_layers)]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save({"n": done, "last": last, "keys": [k.clone() for k, _ in held], "values": [v.clone() for _, v in held]},
+    torch.save({"n": done, "last": last, "keys": [k.clone(memory_format=torch.contiguous_format) for k, _ in held],
+                            "values": [v.clone(memory_format=torch.contiguous_format) for _, v in held]},
                tmp)
     tmp.replace(path)
 

@@ -199,7 +199,7 @@ class BatchGenerator:
             logits = self.model.extend(state, ids[pos : pos + self.prefill_chunk])
             self.compute_s += time.perf_counter() - t0
             self.forward_passes += 1
-            last = logits[-1]
+            last = logits[-1].clone()  # not a view: it would keep the [n, vocab] block alive
         assert last is not None
         return last
 
@@ -242,7 +242,7 @@ class BatchGenerator:
         """
         if state.length != len(ids):
             raise ConfigurationError(f"the state holds {state.length} positions, not the {len(ids)} ids given")
-        entry = _Entry(ids=tuple(int(i) for i in ids), state=state, last_logits=last_logits)
+        entry = _Entry(ids=tuple(int(i) for i in ids), state=state, last_logits=last_logits.clone())
         self._cache.append(entry)
         self._evict(keep=entry)
 

@@ -112,3 +112,11 @@ def test_segments_concatenate_to_the_template_and_share_prefixes(byte_tokenizer:
 def test_sentinels_in_user_text_cannot_move_the_cut(byte_tokenizer: Any) -> None:
     segs = render_segments(byte_tokenizer, [{"role": "user", "content": ["a\ue0000\ue001b", "c"]}])
     assert len(segs) == 2 and segs[1].startswith("c")
+
+
+def test_cached_logits_do_not_pin_the_prefill_block(lm: Any, byte_tokenizer: Any) -> None:
+    gen = BatchGenerator(lm, byte_tokenizer, eos_ids=[0], prefill_chunk=64)
+    gen.warm([tuple(byte_tokenizer.encode("x" * 100))])
+    (_, _, last), = gen.prefixes()
+    assert last.shape == (lm.info.vocab_size,)
+    assert last.untyped_storage().nbytes() == lm.info.vocab_size * 4  # one row, not the [n, vocab] block
