@@ -49,6 +49,8 @@ def query_learned() -> dict[str, tuple[tuple[str, ...], FitOptions]]:
         "edge-hidden-logistic": (("hidden_mean",), FitOptions(model="logistic", epochs=200)),
         "edge-hidden+signals-mlp": (("hidden_mean", "signals"), FitOptions(model="mlp", hidden=32, epochs=200)),
         "minilm+hidden+signals-logistic": (("embedding", "hidden_mean", "signals"), FitOptions(model="logistic", epochs=200)),
+        # Added after the first HumanEval look (so not a blind choice): the five edge signals, combined.
+        "edge-signals-logistic": (("signals",), FitOptions(model="logistic", epochs=200)),
     }
 QUERY_SIGNALS = ("prompt_logprob", "draft_mean_logprob", "draft_min_logprob", "draft_neg_entropy", "draft_mean_margin")
 
@@ -386,7 +388,7 @@ def plot(report: dict[str, Any], path: Path = PLOT) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    fig, axes = plt.subplots(1, 2, figsize=(14, 6))
     for ax, part, xlabel in ((axes[0], report["query"], "fraction of queries sent to the cloud"),
                              (axes[1], report.get("token") or {"curves": []}, "fraction of tokens from the cloud")):
         for c in part["curves"]:
@@ -398,7 +400,7 @@ def plot(report: dict[str, Any], path: Path = PLOT) -> None:
         ax.axhline(q["edge_pass"], color="r", lw=0.8, ls=":", label="edge-only")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("HumanEval pass@1 (greedy, 41-problem subset)")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="lower right")
         ax.grid(alpha=0.3)
     axes[0].set_title("query routers")
     axes[1].set_title("token routers")
