@@ -292,6 +292,10 @@ def run_tokens(edge: Any, cloud: Any, tok: Any, *, deadline: float) -> None:
                                          "passed": p.check(text).passed})
         last = time.time() - t0
         print(f"[tokens] {name}@{budget}: {last:.0f}s", flush=True)
+        if (name, budget) == ("learned", 0.3) and time.time() + 120 < deadline:
+            t1 = time.time()
+            sdk_check(edge, cloud, tok)
+            print(f"[tokens] SDK check: {time.time() - t1:.0f}s", flush=True)
     pre.release(edge, cloud)
 
 
@@ -545,11 +549,16 @@ def run(*, budget_s: float = 780.0, report_only: bool = False) -> dict[str, Any]
         deadline = time.time() + budget_s
         edge, tok = rd.load_model(DEFAULT_EDGE_MODEL)
         cloud, _ = rd.load_model(DEFAULT_CLOUD_MODEL)
-        if rd.collect_all(edge, cloud, tok, deadline=deadline):
+        # HumanEval answers first (the curves' endpoints), then the token pairs from whatever
+        # training answers the cloud has given, the route-token runs, the remaining answers.
+        for role, model in (("edge", edge), ("cloud", cloud)):
+            rd.generate(role, "humaneval", model, tok, with_probes=role == "edge", batch_size=24 if role == "edge" else 12,
+                        deadline=deadline)
+        if len(rd.answers("cloud", "train")) >= 20 and time.time() + 240 < deadline:
+            rd.collect_pairs(edge, cloud, tok)
+        if rd.pairs_path().exists():
             run_tokens(edge, cloud, tok, deadline=deadline)
-            if time.time() < deadline and all((n, b) in {(r["router"], r["budget"]) for r in rd.read_jsonl(TOKEN_RUNS)}
-                                              for n, b in token_configs()):
-                sdk_check(edge, cloud, tok)
+        rd.collect_all(edge, cloud, tok, deadline=deadline)
     return report()
 
 
