@@ -85,3 +85,16 @@ def test_benchmark_module_is_light_and_consistent() -> None:
     code = "import sys, tether.benchmarks.routing; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"  # `tether --help` registers it without importing torch
+
+
+def test_labels_fall_back_to_edge_pass_without_a_cloud_answer() -> None:
+    e = np.array([1.0, 0.0, 0.0, 1.0])
+    c = np.array([1.0, 1.0, 0.0, np.nan])
+    assert bench.labels(e, c).tolist() == [1.0, 0.0, 1.0, 1.0]
+    assert bench.labels(np.array([0.0]), np.array([np.nan])).tolist() == [0.0]
+
+
+def test_auc() -> None:
+    y = np.array([0, 0, 1, 1], dtype=float)
+    assert bench.auc(np.array([0.1, 0.2, 0.8, 0.9]), y) == 1.0
+    assert bench.auc(np.array([0.5, 0.5, 0.5, 0.5]), y) == 0.5
