@@ -444,8 +444,13 @@ def summarise(rows: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     return {"methods": table, "targets": targets}
 
 
-def plot(summary: dict[str, Any], path: Path) -> None:
-    """Cost-accuracy scatter: mean cloud tokens per question (log x) against accuracy."""
+def plot(summary: dict[str, Any], path: Path, probe_rows: list[dict[str, Any]] | None = None,
+         whole_document_tokens: float | None = None) -> None:
+    """Cost-accuracy scatter: mean cloud tokens per question (log x) against accuracy.
+
+    Probe answers (earlier prompt versions) are drawn hollow; a dashed line marks what
+    sending the whole document costs.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -457,6 +462,19 @@ def plot(summary: dict[str, Any], path: Path) -> None:
         ax.scatter([x], [row["accuracy"]], s=60)
         ax.annotate(f"{method}\n{row['correct']}/{row['questions']}", (x, row["accuracy"]),
                     textcoords="offset points", xytext=(6, 4), fontsize=8)
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in probe_rows or []:
+        groups.setdefault(f"{r['method']} ({r['version']} probe)", []).append(r)
+    for label, rs in groups.items():
+        x = sum(r["cloud_tokens"] for r in rs) / len(rs)
+        y = sum(bool(r["correct"]) for r in rs) / len(rs)
+        ax.scatter([x], [y], s=60, facecolors="none", edgecolors="gray")
+        ax.annotate(f"{label}\n{sum(bool(r['correct']) for r in rs)}/{len(rs)}", (x, y), textcoords="offset points",
+                    xytext=(6, -14), fontsize=7, color="gray")
+    if whole_document_tokens:
+        ax.axvline(whole_document_tokens, linestyle="--", color="gray", linewidth=1)
+        ax.annotate("whole document sent", (whole_document_tokens, 0.5), rotation=90, fontsize=7, color="gray",
+                    textcoords="offset points", xytext=(-10, 0))
     ax.set_xscale("log")
     ax.set_xlabel("cloud tokens per question (prompt + completion, log scale; edge-only = 1)")
     ax.set_ylabel("accuracy")
@@ -481,10 +499,12 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['edge_model']}, cloud model {report['cloud_model']}, greedy, max_rounds={report['max_rounds']}, "
         f"MinionS chunks of {report['chunk_tokens']} tokens. {report['machine']}.",
         "",
-        "| method | accuracy | cloud tokens / question | fewer cloud tokens than cloud-only | "
-        "edge tokens / question | rounds | protocol failures |",
-        "|---|---|---|---|---|---|---|",
     ]
+    if not s["methods"]:
+        lines.append("No answers under the current prompt version yet (see the status note below).")
+    else:
+        lines += ["| method | accuracy | cloud tokens / question | fewer cloud tokens than cloud-only | "
+                  "edge tokens / question | rounds | protocol failures |", "|---|---|---|---|---|---|---|"]
     for method in METHODS:
         row = s["methods"].get(method)
         if row is None:
@@ -495,10 +515,21 @@ def markdown(report: dict[str, Any]) -> str:
             f"{row['cloud_tokens_mean']:,.0f} | {'-' if red is None or method == 'cloud-only' else f'{red}x'} | "
             f"{row['edge_tokens_mean']:,.0f} | {row['rounds_mean']} | {row['failures']} |"
         )
-    lines += ["", "![cost vs accuracy](minions_cost_accuracy.png)", "", "Targets:", ""]
+    lines += ["", "![cost vs accuracy](minions_cost_accuracy.png)", ""]
+    if s["targets"]:
+        lines += ["Targets:", ""]
     for t in s["targets"]:
         verdict = {True: "MET", False: "MISSED", None: "OPEN"}[t["met"]]
         lines.append(f"- {verdict}: {t['method']} {t['target']} (measured: {t['measured']})")
+    if report.get("probes"):
+        lines += ["", "Probe answers from earlier prompt versions (kept in `benchmarks/results/minions/probes/`, "
+                  "full transcripts inside):", "",
+                  "| method | version | question | expected | answer | cloud tokens | whole document | fewer | s |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in report["probes"]:
+            answer = (r["answer"] or f"(failed: {(r['failure'] or '')[:60]})").replace("|", "/")
+            lines.append(f"| {r['method']} | {r['version']} | {r['id']} | {r['expected']} | {answer} | "
+                         f"{r['cloud_tokens']:,} | {r['whole_document_tokens']:,} | {r['reduction']}x | {r['wall_s']} |")
     if report.get("notes"):
         lines += ["", report["notes"]]
     lines += ["", "Reproduce: `tether bench minions` (resumable: answers are cached under "
@@ -508,6 +539,22 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 NOTES_FILE = RESULTS / "NOTES.md"
+PROBES = RESULTS / "probes"
+
+
+def probes(results: Path = RESULTS) -> list[dict[str, Any]]:
+    """Answers kept from runs of earlier prompt versions (``probes/<method>-<version>-<question>.json``)."""
+    out = []
+    for path in sorted((results / "probes").glob("*.json")):
+        r = json.loads(path.read_text())
+        method, version = path.stem.split("-")[:2]
+        cloud = r["cloud_prompt_tokens"] + r["cloud_completion_tokens"]
+        out.append({"method": method, "version": version, "id": r["id"], "expected": r["expected"],
+                    "answer": (r.get("answer") or "")[:80], "correct": r["correct"], "cloud_tokens": cloud,
+                    "whole_document_tokens": r["whole_document_tokens"], "failure": r.get("failure"),
+                    "reduction": round(r["whole_document_tokens"] / cloud, 1) if cloud else None,
+                    "wall_s": r.get("wall_s")})
+    return out
 
 
 def report(docs: list[LongDoc], results: Path = RESULTS, *, write_docs: bool = True, max_rounds: int = MAX_ROUNDS
@@ -529,13 +576,17 @@ def report(docs: list[LongDoc], results: Path = RESULTS, *, write_docs: bool = T
         "chunk_tokens": protocol_options().chunking.max_tokens,
         "machine": f"{platform.machine()} CPU, {__import__('os').cpu_count()} cores (shared), torch fp32",
         "notes": NOTES_FILE.read_text().strip() if NOTES_FILE.exists() else "",
+        "probes": probes(results),
     }
     if write_docs:
         from tether.bench_cli import repo_root, update_docs_section, write_results
 
         write_results("minions", data)
-        if summary["methods"]:
-            plot(summary, repo_root() / "docs" / "minions_cost_accuracy.png")
+        whole = [r["whole_document_tokens"] for rs in rows.values() for r in rs] + [
+            r["whole_document_tokens"] for r in data["probes"]]
+        if summary["methods"] or data["probes"]:
+            plot(summary, repo_root() / "docs" / "minions_cost_accuracy.png", data["probes"],
+                 sum(whole) / len(whole) if whole else None)
         update_docs_section("minions", markdown(data))
     return data
 

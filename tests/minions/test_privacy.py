@@ -58,12 +58,14 @@ def edge_written(result: AskResult) -> list[str]:
 
 
 def leaks(outbound: list[str], document: str, written: list[str]) -> set[str]:
-    """Document 5-word windows found in the outbound text once the edge-written strings are cut out."""
-    text = "\n".join(outbound)
-    for w in sorted(written, key=len, reverse=True):
-        text = text.replace(w, " ").replace(json.dumps(w, ensure_ascii=False)[1:-1], " ")
-    sent = " ".join(re.findall(r"\w+", text.lower()))
-    return {s for s in shingles(document) if s in sent}
+    """Document 5-word windows found in the outbound text that are not in anything the edge wrote.
+
+    Text the remote model repeats from edge results (its own replies quote them) is edge-written
+    content too, which is why the check is on windows, not on whole strings.
+    """
+    allowed: set[str] = set().union(*(shingles(w) for w in written)) if written else set()
+    sent = " ".join(re.findall(r"\w+", "\n".join(outbound).lower()))
+    return {s for s in shingles(document) if s in sent and s not in allowed}
 
 
 class CapturingEndpoint:
