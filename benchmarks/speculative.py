@@ -256,7 +256,8 @@ def _plot(results: dict[str, dict[str, Any]], rtts: list[int], path: Path) -> No
         if all(y is not None for y in ys):
             ax.plot(rtts, ys, styles.get(method, "o-"), label=method)
     ax.set_xlabel("emulated round-trip time (ms)")
-    ax.set_ylabel("committed tokens / s")
+    ax.set_ylabel("committed tokens / s (log scale)")
+    ax.set_yscale("log")
     ax.set_title("Qwen2.5-Coder 0.5B drafting for 1.5B, greedy (1 thread each side)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
