@@ -472,6 +472,11 @@ def markdown(report: dict[str, Any]) -> str:
                       f"{r['task_id']}: first {r['identical_prefix']} of {r['sdk_tokens']} tokens identical"
                       f"{'' if r['routed_same_in_prefix'] else ' (routed positions differ)'}, {r['sdk_wall_s']:.0f} s"
                       for r in chk["rows"]) + "."]
+    lines += ["", "`learned:edge-signals-logistic` was added after a first look at these results (not a blind "
+              "choice); every other router and all hyperparameter grids were fixed before HumanEval was run. "
+              "Weight decay of the learned routers is chosen by 5-fold cross-validated AUC on the training tasks. "
+              "With 41 problems one problem is 2.4 points of pass@1: differences between routers are mostly within noise "
+              "(see the APGR intervals)."]
     lines += ["", "### Targets", ""] + [f"- {x}" for x in report["targets"]]
     lines += ["", "![routing curves](routing_curves.png)", "",
               "Reproduce: `flock /tmp/tether-bigmem.lock tether bench routing` (model outputs are cached under "
@@ -485,8 +490,11 @@ def targets(report: dict[str, Any]) -> list[str]:
     best = [r for r in q["rows"] if r["min_fraction_within_1pt_of_cloud"] is not None and r["min_fraction_within_1pt_of_cloud"] <= 0.6]
     if best:
         b = min(best, key=lambda r: r["min_fraction_within_1pt_of_cloud"])
-        out.append(f"met: a query router within 1 point of cloud pass@1 with <= 60% of queries to the cloud "
-                   f"({b['router']}: {_pct(b['min_fraction_within_1pt_of_cloud'])} of queries)")
+        out.append(f"met on the curve: a query router within 1 point of cloud pass@1 with <= 60% of queries to the cloud "
+                   f"({b['router']}: {_pct(b['min_fraction_within_1pt_of_cloud'])} of queries). With the threshold chosen "
+                   f"without HumanEval (quality target 100% of cloud on the training tasks) it sent "
+                   f"{_na(b['quality_calib_he_fraction'])} of HumanEval queries to the cloud for {_na(b['quality_calib_he_pass'])} "
+                   f"pass@1 (cloud {_pct(q['cloud_pass'])})")
     else:
         r = max(q["rows"], key=lambda r: r["best_pass_at_most_60pct"])
         out.append(f"missed: no query router within 1 point of cloud pass@1 at <= 60% cloud; best is {r['router']} "
