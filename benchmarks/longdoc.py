@@ -9,7 +9,7 @@ paragraphs far apart (Q1/Q2 early in the section, Q3/Q4 after pages of narrative
 year-end headcount in a third, and each section carries distractors: last year's figures,
 budgets, counts of other things. Questions combine two or three divisions (sums,
 differences), so no single chunk holds an answer. Answers are integers; `score` accepts a
-reply when the first number in it equals the expected value.
+reply whose number (after its last ``=``, else its first) equals the expected value.
 """
 
 from __future__ import annotations
@@ -213,8 +213,13 @@ def numbers_in(text: str) -> list[float]:
 
 
 def score(answer: str | None, expected: int) -> bool:
-    """True when the first number in `answer` equals `expected` (within 0.5)."""
+    """True when the answer's number equals `expected` (within 0.5).
+
+    The answer's number is the one after its last ``=`` when it shows a calculation
+    (``"842 - 505 = 337"``), else its first number.
+    """
     if not answer:
         return False
-    nums = numbers_in(answer)
+    tail = answer.rsplit("=", 1)[1] if "=" in answer else answer
+    nums = numbers_in(tail)
     return bool(nums) and abs(nums[0] - expected) < 0.5

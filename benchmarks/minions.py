@@ -388,6 +388,7 @@ def collect(results: Path, docs: list[LongDoc], max_rounds: int = 3) -> dict[str
             for q in d.questions:
                 row = load_cached(results, method, q.id, fps[method])
                 if row is not None:
+                    row["correct"] = score(row.get("answer"), q.answer)  # always the current scorer
                     rows.setdefault(method, []).append(row)
     return rows
 
@@ -495,7 +496,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"`tether bench minions` on the generated long-document set (`benchmarks/longdoc.py`): "
         f"{report['documents']} synthetic annual reports of {report['document_tokens']} tokens each, "
         f"{report['questions']} questions that combine figures from two or three sections with a sum or a "
-        "difference; an answer counts when its first number is the expected integer. Edge model "
+        "difference; an answer counts when its number (after its last `=`, else its first) is the expected "
+        "integer. Edge model "
         f"{report['edge_model']}, cloud model {report['cloud_model']}, greedy, max_rounds={report['max_rounds']}, "
         f"MinionS chunks of {report['chunk_tokens']} tokens. {report['machine']}.",
         "",

@@ -9,7 +9,7 @@ import tether.benchmarks.minions as bench
 
 
 def row(method: str, qid: str, correct: bool, cloud: int, edge: int = 0) -> dict[str, Any]:
-    return {"id": qid, "method": method, "correct": correct, "cloud_prompt_tokens": cloud - 10,
+    return {"id": qid, "method": method, "correct": correct, "answer": None, "cloud_prompt_tokens": cloud - 10,
             "cloud_completion_tokens": 10, "edge_prompt_tokens": edge, "edge_completion_tokens": 0,
             "whole_document_tokens": 20_000, "rounds": 1, "wall_s": 1.0}
 
@@ -36,7 +36,8 @@ def test_report_writes_plot_and_section(tmp_path: Path, monkeypatch: Any) -> Non
     for method in bench.METHODS:
         for q in docs[0].questions:
             r = row(method, q.id, method != "edge-only", 20_000 if method == "cloud-only" else 900)
-            bench.store(tmp_path, method, r | {"fingerprint": fps[method]})
+            answer = f"{q.answer - 7} + 7 = {q.answer}" if method != "edge-only" else "1"
+            bench.store(tmp_path, method, r | {"fingerprint": fps[method], "answer": answer})
     import tether.bench_cli as cli
 
     monkeypatch.setattr(cli, "repo_root", lambda: tmp_path)

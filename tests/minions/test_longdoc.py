@@ -45,7 +45,9 @@ def test_every_answer_follows_from_facts_in_separate_places() -> None:
     ("4,794", 4794, True),
     ("$4,794 thousand", 4794, True),
     ("The total is 4794.", 4794, True),
-    ("1196 + 3598 = 4794", 4794, False),  # the first number is the answer
+    ("1196 + 3598 = 4794", 4794, True),  # a calculation: the number after the last "="
+    ("4794 (1196 + 3598)", 4794, True),  # otherwise the first number
+    ("1196 + 3598 = 4795", 4794, False),
     ("", 1, False),
     (None, 1, False),
     ("about 4794.4", 4794, True),
