@@ -14,30 +14,9 @@ import pytest_asyncio
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 
-PROMPTS = [
-    "Write a Python function that checks whether a number is prime.",
-    "Reverse a string in Python.",
-    "What does the `yield` keyword do?",
-    "Write a SQL query that counts rows per category in a table named items.",
-    "Explain recursion in one sentence.",
-    "Write a bash one-liner that counts lines in all .py files.",
-    "How do I read a JSON file in Python?",
-    "Write a JavaScript function that debounces another function.",
-    "What is the difference between a list and a tuple in Python?",
-    "Write a C function that returns the maximum of an int array.",
-    "Sort a list of dictionaries by the key 'age' in Python.",
-    "What is a race condition?",
-    "Write a regular expression that matches an email address.",
-    "Write a Python class for a stack with push and pop.",
-    "Explain Big-O notation briefly.",
-    "Write a Rust function that adds two numbers.",
-    "How do I create a virtual environment in Python?",
-    "Write a Python generator that yields squares of numbers.",
-    "What does HTTP status code 404 mean?",
-    "Write a Go function that reverses a slice of ints.",
-    "Merge two sorted lists in Python.",
-    "What is a closure in JavaScript?",
-]
+from tether.benchmarks.prompts import CHAT_PROMPTS
+
+PROMPTS = CHAT_PROMPTS[:22]
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
