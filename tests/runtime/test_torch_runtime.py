@@ -453,23 +453,6 @@ def test_cuda_matches_hf_on_cuda(dtype: torch.dtype) -> None:
 # -- speed ----------------------------------------------------------------------------------
 
 
-@pytest.mark.slow
-def test_decode_not_slower_than_hf_generate(tiny_hf_model: Any, qwen: TorchCausalLM) -> None:
-    """Greedy decode through the runtime vs HF `generate`, interleaved, best of 5 each."""
-    import time
-
-    prompt = random_ids(qwen, 40, seed=7)
-    ours, theirs = [], []
-    for _ in range(5):
-        for fn, times in ((lambda: greedy(qwen, prompt, 32), ours),
-                          (lambda: hf_greedy(tiny_hf_model, prompt, 32), theirs)):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    # Typically well under 1.0; the slack absorbs a noisy shared 2-core machine.
-    assert min(ours) <= 1.25 * min(theirs), (min(ours), min(theirs))
-
-
 # -- the real edge model --------------------------------------------------------------------
 
 CHAT_PROMPTS = [
