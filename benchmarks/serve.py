@@ -288,7 +288,7 @@ def register(bench_app: Any) -> None:
     @bench_app.command(
         "serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
         help="Cloud service throughput: verified tokens/s for 1/4/8 sessions, batching on vs off. "
-             "Options: --sessions 1 4 8 --rounds 5 --k 4 --corrupt 0.25 --window-ms 5 --threads N "
+             "Options (defaults): --sessions 1 4 8 --k 2 4 --rounds 4 --repeats 2 --corrupt 0.25 --window-ms 5 --threads N "
              "--model NAME --out FILE --docs DIR --no-docs. Run under flock /tmp/tether-bigmem.lock.")
     def serve(ctx: typer.Context) -> None:
         main(list(ctx.args))
