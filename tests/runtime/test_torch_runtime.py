@@ -450,9 +450,6 @@ def test_cuda_matches_hf_on_cuda(dtype: torch.dtype) -> None:
             assert greedy(lm, prompt, 16) == want
 
 
-# -- speed ----------------------------------------------------------------------------------
-
-
 # -- the real edge model --------------------------------------------------------------------
 
 CHAT_PROMPTS = [
