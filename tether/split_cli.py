@@ -58,17 +58,67 @@ def default_head_path(model: str, layer: int) -> Path:
     return cache_dir() / "exit_heads" / f"{safe}-layer{layer}.safetensors"
 
 
+class ModelOnDemand:
+    """The full model, loaded the first time it is asked for (and only then)."""
+
+    def __init__(self, model: str, runtime: Any = None) -> None:
+        self.model, self.runtime = model, runtime
+
+    def __call__(self) -> Any:
+        if self.runtime is None:
+            import torch
+            from transformers import AutoModelForCausalLM
+
+            from tether.models import ensure_hf_dir
+            from tether.runtime import TorchCausalLM
+
+            hf = AutoModelForCausalLM.from_pretrained(ensure_hf_dir(self.model, progress=False), dtype=torch.float32)
+            hf.train(False)
+            self.runtime = TorchCausalLM(hf, name=self.model)
+        return self.runtime
+
+
+def self_distilled(
+    model: ModelOnDemand, tokenizer: Any, *, cache: Path, prompts: Sequence[str], max_new_tokens: int = 48,
+    batch: int = 8, budget_s: float | None = None, log: Callable[[str], None] = print,
+) -> list[list[int]] | None:
+    """The model's greedy answers to `prompts` as chat sequences, generated once and cached in
+    batches (resumable); None when the time budget ran out first."""
+    from tether.edge._exit_corpus import self_distilled_corpus
+
+    started = time.monotonic()
+    key = hashlib.sha256(json.dumps([model.model, list(prompts), max_new_tokens]).encode()).hexdigest()[:12]
+    path = cache / f"selfdistill-{key}.json"
+    done: dict[str, list[list[int]]] = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    out: list[list[int]] = []
+    for start in range(0, len(prompts), batch):
+        name = str(start)
+        if name not in done:
+            if budget_s is not None and time.monotonic() - started > budget_s:
+                log(f"time budget spent while generating ({start} of {len(prompts)} prompts); run again to continue")
+                return None
+            t0 = time.perf_counter()
+            done[name] = self_distilled_corpus(model(), tokenizer, prompts[start:start + batch],
+                                               max_new_tokens=max_new_tokens, batch=batch)
+            cache.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(done), encoding="utf-8")
+            log(f"self-distillation: prompts {start + 1}-{min(len(prompts), start + batch)} of {len(prompts)} "
+                f"answered in {time.perf_counter() - t0:.1f}s")
+        out.extend(done[name])
+    return out
+
+
 def train_exit_heads(
     model: str, layers: Sequence[int], *, sequences: list[list[int]], cache: Path, out: dict[int, Path],
     shortlist: int = 8192, rank: int = 128, epochs: int = 4, target_agreement: float = 0.98,
     budget_s: float | None = None, seed: int = 0, log: Callable[[str], None] = print,
-    runtime: Any = None, skip_existing: bool = False, min_train_s: float = 0.0,
+    runtime: ModelOnDemand | None = None, skip_existing: bool = False, min_train_s: float = 0.0,
 ) -> dict[int, Path] | None:
     """Collect (resumably) and train one exit head per layer; returns the written files,
     or None when the time budget ran out before collection finished (run again to continue).
 
-    The full model is loaded only while parts are missing from `cache` (or `runtime`, an
-    already loaded `LayerwiseLM` of it, is used). With `skip_existing`, layers whose head
+    The full model is loaded only while parts are missing from `cache` (through `runtime`,
+    which may already hold it). With `skip_existing`, layers whose head
     file exists are not retrained; with a budget, a layer's training starts only while at
     least `min_train_s` of it is left (else None: run again).
     """
@@ -89,25 +139,18 @@ def train_exit_heads(
 
     missing = [g for g in range(len(groups)) if not all(part(g, k).is_file() for k in cuts)]
     if missing:
-        from transformers import AutoModelForCausalLM
-
-        from tether.runtime import TorchCausalLM
-
         log(f"collecting {len(missing)} of {len(groups)} parts ({sum(len(s) for s in sequences)} tokens in all)")
-        if runtime is None:
-            hf = AutoModelForCausalLM.from_pretrained(ensure_hf_dir(model, progress=False), dtype=torch.float32)
-            hf.train(False)
-            runtime = TorchCausalLM(hf, name=model)
+        full = (runtime or ModelOnDemand(model))()
         for g in missing:
             if budget_s is not None and time.monotonic() - started > budget_s:
                 log(f"time budget spent: {len(missing) - missing.index(g)} parts left; run again to continue")
                 return None
             t0 = time.perf_counter()
-            collected = collect_exit_datasets(runtime, groups[g], layers=cuts, first_sequence=g * _GROUP)
+            collected = collect_exit_datasets(full, groups[g], layers=cuts, first_sequence=g * _GROUP)
             for k in cuts:
                 collected[k].save(part(g, k))
             log(f"part {g + 1}/{len(groups)}: {len(collected[cuts[0]])} positions in {time.perf_counter() - t0:.1f}s")
-        runtime = None
+        del full
     head_weight, norm_weight, eps = _head_weights(Path(ensure_hf_dir(model, progress=False)))
     written = {}
     for k in cuts:
@@ -148,11 +191,12 @@ def train_exit(
     rank: Annotated[int, typer.Option(help="Adapter rank.")] = 128,
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 4,
     target_agreement: Annotated[float, typer.Option(help="Agreement the recommended threshold must reach.")] = 0.98,
+    self_distill: Annotated[bool, typer.Option(help="Also train on the model's own answers to built-in chat prompts.")] = True,
     budget_s: Annotated[Optional[float], typer.Option(help="Stop collecting after this many seconds (resumable).")] = None,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
 ) -> None:
     """Train early-exit heads: distil the full model's next token from layer k (docs/split.md)."""
-    from tether.edge._exit_corpus import default_corpus, file_corpus
+    from tether.edge._exit_corpus import TRAINING_PROMPTS, default_corpus, file_corpus
     from tether.models import DEFAULT_CLOUD_MODEL, load_tokenizer
     from tether.paths import cache_dir
 
@@ -173,9 +217,18 @@ def train_exit(
                  else default_corpus(tokenizer, max_tokens=max_tokens, seed=seed))
     if not sequences:
         raise typer.BadParameter("no training text found")
+    full = ModelOnDemand(name)
+    started = time.monotonic()
+    if self_distill:
+        own = self_distilled(full, tokenizer, cache=cache_dir() / "exit_data", prompts=TRAINING_PROMPTS,
+                             budget_s=budget_s, log=typer.echo)
+        if own is None:
+            raise typer.Exit(3)
+        sequences = own + sequences
+    left = None if budget_s is None else max(1.0, budget_s - (time.monotonic() - started))
     written = train_exit_heads(name, layers, sequences=sequences, cache=cache_dir() / "exit_data", out=targets,
                                shortlist=shortlist, rank=rank, epochs=epochs, target_agreement=target_agreement,
-                               budget_s=budget_s, seed=seed, log=typer.echo)
+                               budget_s=left, seed=seed, log=typer.echo, runtime=full)
     if written is None:
         raise typer.Exit(3)
 
