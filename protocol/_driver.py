@@ -138,12 +138,13 @@ class _Driver:
         """
         loop = asyncio.get_running_loop()
         while True:
-            await self._kick.wait()
-            self._kick.clear()
-            waiters, self._flush_waiters = self._flush_waiters, []
+            waiters: list[asyncio.Future[None]] = []
             error: BaseException | None = None
             sending: asyncio.Future[None] | None = None
             try:
+                await self._kick.wait()
+                self._kick.clear()
+                waiters, self._flush_waiters = self._flush_waiters, []
                 for item in self.protocol.pending_output():
                     if not isinstance(item, EncodedFrame):
                         records: list[Any] = [item]
@@ -159,11 +160,11 @@ class _Driver:
             except ConnectionClosed as exc:
                 error = exc
             except asyncio.CancelledError:
+                # Only `_finish` cancels the sender: the connection is over, so release every
+                # flush() caller (they learn the outcome from their own reply waiters).
                 if sending is not None:
                     sending.cancel()
-                for waiter in waiters + self._flush_waiters:
-                    if not waiter.done():
-                        waiter.cancel()
+                self._release_flush_waiters(waiters)
                 raise
             for waiter in waiters:
                 if not waiter.done():
@@ -171,6 +172,12 @@ class _Driver:
                         waiter.set_result(None)
                     else:
                         waiter.set_exception(error)
+
+    def _release_flush_waiters(self, taken: Sequence[asyncio.Future[None]] = ()) -> None:
+        pending, self._flush_waiters = [*taken, *self._flush_waiters], []
+        for waiter in pending:
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def _send_records(self, records: list[Any]) -> None:
         for record in records:
@@ -379,6 +386,8 @@ class _Driver:
             self._out_task.cancel()
         if self._sender_task is not None and self._sender_task is not current and not self._sender_task.done():
             self._sender_task.cancel()
+        # a sender cancelled before it first ran never reaches its own cleanup
+        self._release_flush_waiters()
 
     async def wait_closed(self) -> None:
         await self.closed.wait()

@@ -364,6 +364,24 @@ async def test_graceful_close_by_the_client(live_server: Any, server_keys: KeyPa
     assert closed == [1000]
 
 
+async def test_flush_returns_when_the_connection_ends_under_it(live_server: Any, server_keys: KeyPair,
+                                                               client_keys: KeyPair) -> None:
+    # Regression: a flush() waiting while another task finished the connection (cancelling
+    # the sender just as it was woken) used to wait forever. It hung `CloudServer.close()`
+    # when the drain's close raced the connection handler's own close.
+    from tether.protocol import ChannelError
+
+    server = await live_server(handler_for(Service()))
+    conn = await open_client(server, client_keys, server_keys)
+    await conn.request(TOKENS)
+    driver = conn._driver
+    flushing = asyncio.create_task(driver.flush())
+    await asyncio.sleep(0)  # flush() has queued its waiter and woken the sender
+    driver._finish(ChannelError("closed by a racing task"), int(CloseCode.GOING_AWAY))
+    await asyncio.wait_for(flushing, timeout=5)
+    assert conn.closed
+
+
 async def test_server_shutdown_lets_requests_finish(live_server: Any, server_keys: KeyPair,
                                                     client_keys: KeyPair) -> None:
     service = Service()
