@@ -17,6 +17,7 @@ import torch
 
 from tether.cloud._api import SamplingParams, SparseProbs
 from tether.cloud._errors import InvalidRequest
+from tether.sampling import warp
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -74,21 +75,10 @@ def target_probs(logits: torch.Tensor, sampling: SamplingParams) -> torch.Tensor
     """
     if sampling.greedy:
         raise InvalidRequest("target_probs needs temperature > 0; greedy sessions use greedy_accept")
-    x = logits.to(torch.float64) / sampling.temperature  # [n, V]
-    vocab = x.shape[-1]
-    if 0 < sampling.top_k < vocab:
-        kth = torch.topk(x, sampling.top_k, dim=-1).values[..., -1:]  # [n, 1]
-        x = x.masked_fill(x < kth, float("-inf"))
-    probs = torch.softmax(x, dim=-1)
-    if sampling.top_p < 1.0:
-        sorted_p, order = torch.sort(probs, dim=-1, descending=True)
-        cum = torch.cumsum(sorted_p, dim=-1)
-        # Keep the smallest prefix whose mass reaches top_p (always the most likely token).
-        drop_sorted = (cum - sorted_p) >= sampling.top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        probs = probs.masked_fill(drop, 0.0)
-        probs = probs / probs.sum(dim=-1, keepdim=True)
-    return probs
+    # One warping rule for the edge's drafts and the cloud's target, so q and p agree on
+    # what top-k/top-p mean; float64 keeps the acceptance ratios exact enough.
+    return warp(logits, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                dtype=torch.float64)
 
 
 def dense_draft_row(q: SparseProbs | None, position: int, draft_token: int, vocab: int) -> torch.Tensor:
