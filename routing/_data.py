@@ -8,7 +8,8 @@ JSONL record (one per line):
 - ``text`` (required): the user's request; what embedding routers read.
 - ``prompt`` (optional): the exact prompt text the edge model sees (already templated);
   without it the edge's chat template is applied to ``text``.
-- ``label`` (training): 1 when the edge's answer was as good as the cloud's, else 0.
+- ``label`` (training): 1 when the edge's answer is good enough (Tether's benchmark: it passes
+  its unit tests), else 0. Higher router score = more likely 1 = keep on the edge.
 - ``edge_quality`` / ``cloud_quality`` (optional): per-record quality of each side's answer
   (e.g. 1/0 unit-test pass), for calibrating to a quality target.
 - ``id`` (optional): a name for reports.

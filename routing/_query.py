@@ -161,7 +161,11 @@ def query_features(query: Query, features: Sequence[str]) -> FloatArray:
 
 
 class LearnedQueryRouter(QueryRouter):
-    """A classifier's probability that the edge's answer is as good as the cloud's.
+    """A classifier's probability that the edge's answer is good enough (label 1 in its training data).
+
+    Tether's benchmark labels a query 1 when the edge's answer passes its unit tests; the
+    first label, "as good as the cloud's answer", also marked the tasks both models fail
+    as easy, which made it unlearnable from 71 tasks (docs/routing.md).
 
     Args:
         features: feature groups (`QUERY_FEATURES`): MiniLM ``"embedding"`` of the text,
@@ -187,7 +191,7 @@ class LearnedQueryRouter(QueryRouter):
     @classmethod
     def fit(cls, queries: Sequence[Query], labels: Sequence[float], features: Sequence[str],
             options: FitOptions = FitOptions(), *, draft_tokens: int = 16) -> LearnedQueryRouter:
-        """Train on queries labelled 1 where the edge's answer was as good as the cloud's."""
+        """Train on queries labelled 1 where the edge's answer was good enough, 0 where it was not."""
         x = np.stack([query_features(q, features) for q in queries])
         return cls(features, Classifier.fit(x, labels, options), draft_tokens=draft_tokens)
 

@@ -40,7 +40,7 @@ def _echo_json(doc: Any) -> None:
 
 @router_app.command("train")
 def train(
-    data: Annotated[Path, typer.Argument(help="Labelled JSONL: text, label (1 = the edge's answer is as good as the cloud's), optional prompt.")],
+    data: Annotated[Path, typer.Argument(help="Labelled JSONL: text, label (1 = the edge's answer is good enough, e.g. passes its tests), optional prompt.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Router file to write (.safetensors).")] = Path("router.safetensors"),
     features: Annotated[str, typer.Option(help="Comma-separated: embedding, hidden_mean, hidden_last, signals.")] = "embedding",
     model: Annotated[str, typer.Option(help="logistic or mlp.")] = "logistic",
