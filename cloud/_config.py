@@ -21,6 +21,15 @@ class CloudConfig:
 
     Attributes:
         max_sessions: sessions open at once across the server (`ServerOverloaded` beyond).
+        max_sessions_per_client: sessions one client key may hold open at once, across all
+            its connections (`SessionLimitExceeded`, ErrorReply LIMIT_EXCEEDED, beyond).
+        max_connections: protocol connections open at once, handshakes included; more are
+            closed before the handshake with 1013 TRY_AGAIN_LATER.
+        max_connections_per_client: connections one client key may hold; more are closed
+            after the handshake with 4060 TOO_MANY_CONNECTIONS.
+        requests_per_second, burst: each client key's request rate (a token bucket over all
+            its connections); a request over it gets ErrorReply(OVERLOADED, retryable)
+            saying when to retry. See docs/reliability.md.
         max_tokens: committed tokens per session (prompt + output).
         max_pending: requests one session may have queued or running at once.
         max_draft: draft tokens per verify.
@@ -44,6 +53,11 @@ class CloudConfig:
     """
 
     max_sessions: int = 64
+    max_sessions_per_client: int = 16
+    max_connections: int = 1024
+    max_connections_per_client: int = 32
+    requests_per_second: float = 500.0
+    burst: int = 1000
     max_tokens: int = 4096
     max_pending: int = 4
     max_draft: int = 32
@@ -68,6 +82,14 @@ class CloudConfig:
             minimum = 0 if f.name in ("batch_window_s", "batch_window_frac") else 1e-9
             if not value >= minimum:
                 raise ConfigurationError(f"cloud config: {f.name} must be > 0, got {value!r}")
+
+    def admission(self) -> Any:
+        """The protocol-level limits of this config (`tether.protocol.AdmissionLimits`)."""
+        from tether.protocol import AdmissionLimits
+
+        return AdmissionLimits(max_connections=self.max_connections,
+                               max_connections_per_client=self.max_connections_per_client,
+                               requests_per_second=self.requests_per_second, burst=self.burst)
 
     def replace(self, **changes: Any) -> CloudConfig:
         """A copy with some fields changed (validated)."""

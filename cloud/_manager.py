@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -32,6 +33,10 @@ from tether.cloud._session import CloudSession
 from tether.runtime import CausalLM, LayerwiseLM
 
 log = logging.getLogger("tether.cloud.manager")
+
+# The client (its key fingerprint) whose request is running: set once per connection by the
+# server, inherited by each request's task, so sessions are charged to the right client.
+current_client: contextvars.ContextVar[str | None] = contextvars.ContextVar("tether_current_client", default=None)
 
 
 def kv_bytes_per_token(model: CausalLM) -> int:
@@ -95,6 +100,7 @@ class SessionManager:
         self.max_tokens = min(cfg.max_tokens, model.info.max_positions)
         self.kv_bytes_per_token = kv_bytes_per_token(model)
         self._sessions: collections.OrderedDict[str, CloudSession] = collections.OrderedDict()
+        self._owners: dict[str, str] = {}  # session id -> client that opened it (when known)
         self._reaper: asyncio.Task[None] | None = None
         self._closed = False
         chat = tokenizer is not None and getattr(tokenizer, "chat_template", None) is not None
@@ -162,6 +168,10 @@ class SessionManager:
         """A new, unopened session bound to this manager."""
         return CloudSession(self)
 
+    def sessions_of(self, owner: str) -> int:
+        """Open sessions charged to `owner`."""
+        return sum(1 for sid in self._sessions if self._owners.get(sid) == owner)
+
     async def open_session(self, *, sampling: SamplingParams = SamplingParams(), model: str | None = None) -> CloudSession:
         """Create and open a session in one call."""
         s = self.session()
@@ -185,11 +195,22 @@ class SessionManager:
             raise ServerOverloaded("the server is shutting down")
         if len(self._sessions) >= self.config.max_sessions:
             raise ServerOverloaded(f"the server holds its maximum of {self.config.max_sessions} sessions")
+        # Charged to the client whose request opens it (None in-process: no per-client cap).
+        owner = current_client.get()
+        limit = self.config.max_sessions_per_client
+        if owner is not None and self.sessions_of(owner) >= limit:
+            raise SessionLimitExceeded(
+                f"this client already holds its maximum of {limit} open sessions; close one first",
+                limit_name="max_sessions_per_client", value=limit + 1, limit=limit,
+            )
+        if owner is not None:
+            self._owners[s.id] = owner
         self._sessions[s.id] = s
         self.metrics.sessions_open.set(len(self._sessions))
         log.info("session opened", extra={"session_id": s.id})
 
     def unregister(self, s: CloudSession, *, evicted: str | None = None) -> None:
+        self._owners.pop(s.id, None)
         if self._sessions.pop(s.id, None) is None:
             return
         self.metrics.sessions_open.set(len(self._sessions))

@@ -43,7 +43,7 @@ from tether.cloud._errors import (
     SessionNotOpen,
     UnsupportedOperation,
 )
-from tether.cloud._manager import SessionManager
+from tether.cloud._manager import SessionManager, current_client
 from tether.cloud._openai import OpenAIApp
 from tether.cloud._session import CloudSession
 
@@ -169,7 +169,8 @@ class CloudServer:
         self._server = await serve(self._handle, self.host, self.port, server_keys=self.keys,
                                    allowlist=self.allowlist, token=self.token, server_name="tether-cloud",
                                    capabilities=capability_names(self.manager),
-                                   models=(self.manager.model_name,), **self._options)
+                                   models=(self.manager.model_name,),
+                                   **{"admission": self.manager.config.admission(), **self._options})
         self.port = int(self._server.port)
         if self.http_port is not None:
             await self._start_http()
@@ -227,6 +228,7 @@ class CloudServer:
         sessions: dict[str, CloudSession] = {}
         self.connections += 1
         client = conn.peer_public_key.fingerprint
+        current_client.set(client)  # this connection's requests open sessions charged to it
         log.info("client connected", extra={"client": client})
         try:
             await conn.serve_requests(lambda request: self._dispatch(request, sessions))

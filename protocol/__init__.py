@@ -20,6 +20,7 @@ Server::
 """
 
 from tether.protocol._errors import (
+    AdmissionRefused,
     AuthenticationError,
     BadMetadata,
     BadTensor,
@@ -40,8 +41,10 @@ from tether.protocol._errors import (
     PeerClosed,
     ProtocolError,
     RemoteError,
+    ServerBusy,
     ServerKeyMismatch,
     TensorTooLarge,
+    TooManyConnections,
     UnexpectedMessage,
     UnknownClientKey,
     UnknownMessageType,
@@ -50,7 +53,7 @@ from tether.protocol._errors import (
 )
 from tether.protocol._frames import FLAG_END, Frame, decode_frame, encode_frame
 from tether.protocol._keys import Allowlist, InsecureKeyFile, KeyFileError, KeyPair, PublicKey, load_public_key
-from tether.protocol._limits import Limits, RekeyPolicy
+from tether.protocol._limits import AdmissionLimits, Limits, RekeyPolicy
 from tether.protocol._link import LinkEmulator, LinkProfile
 from tether.protocol._messages import (
     CATALOGUE,
@@ -104,6 +107,8 @@ from tether.protocol._server import Request, RequestFailed, Server, ServerConnec
 __all__ = [
     "CATALOGUE",
     "FLAG_END",
+    "AdmissionLimits",
+    "AdmissionRefused",
     "Allowlist",
     "AppendTokens",
     "Appended",
@@ -173,6 +178,7 @@ __all__ = [
     "ScoreTokens",
     "Scores",
     "Server",
+    "ServerBusy",
     "ServerConnection",
     "ServerKeyMismatch",
     "ServerProtocol",
@@ -181,6 +187,7 @@ __all__ = [
     "State",
     "Tensor",
     "TensorTooLarge",
+    "TooManyConnections",
     "UnexpectedMessage",
     "UnknownClientKey",
     "UnknownMessageType",

@@ -433,7 +433,11 @@ async def _connect(
     shapers = link.shapers(client_side=True) if link is not None else (None, None)
     driver = _Driver(ws, protocol, shapers=shapers, describe=f"connection to {url}")
     try:
-        await driver.flush()
+        try:
+            await driver.flush()
+        except ConnectionClosed as exc:  # refused on arrival (e.g. 1013: the server is full)
+            code, _ = close_info(exc)
+            raise _refusal(code, keys.public) from None
         while protocol.state is State.HANDSHAKE:
             try:
                 data = await driver.recv_handshake()

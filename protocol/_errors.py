@@ -32,6 +32,9 @@ Hierarchy::
         │   ├── BadMetadata           4042 metadata is not valid strict JSON for its type
         │   └── UnexpectedMessage     4043 a valid message at the wrong time or in the wrong direction
         ├── KeepaliveTimeout          4050 the peer stopped answering pings (half-open link)
+        ├── AdmissionRefused          the server is at a configured connection limit (server side)
+        │   ├── ServerBusy            1013 all `max_connections` are in use: try again later
+        │   └── TooManyConnections    4060 this client key holds `max_connections_per_client`
         ├── PeerClosed                the peer closed the connection (code and reason attached)
         └── RemoteError               a request failed on the peer: ErrorReply (code, safe message)
 """
@@ -51,6 +54,7 @@ class CloseCode(IntEnum):
     ABNORMAL = 1006  # never sent: the connection dropped without a close frame
     MESSAGE_TOO_BIG = 1009  # sent by the websocket layer itself when a message exceeds max_size
     INTERNAL_ERROR = 1011
+    TRY_AGAIN_LATER = 1013  # the server holds its maximum of connections (standard code)
     PROTOCOL_ERROR = 4000
     HANDSHAKE_FAILED = 4001
     UNSUPPORTED_VERSION = 4002
@@ -72,6 +76,7 @@ class CloseCode(IntEnum):
     BAD_METADATA = 4042
     UNEXPECTED_MESSAGE = 4043
     KEEPALIVE_TIMEOUT = 4050
+    TOO_MANY_CONNECTIONS = 4060
 
 
 class ChannelError(TetherError):
@@ -289,6 +294,29 @@ class KeepaliveTimeout(ChannelError):
         self.timeout = timeout
 
 
+class AdmissionRefused(ChannelError):
+    """A connection was refused because the server is at one of its `AdmissionLimits`.
+
+    Raised (and logged) on the server; a client sees the close code as `PeerClosed`.
+    """
+
+    def __init__(self, message: str, *, limit: int) -> None:
+        super().__init__(message)
+        self.limit = limit
+
+
+class ServerBusy(AdmissionRefused):
+    """The server holds `max_connections` connections already (closed before the handshake)."""
+
+    close_code = CloseCode.TRY_AGAIN_LATER
+
+
+class TooManyConnections(AdmissionRefused):
+    """This client key already holds `max_connections_per_client` connections."""
+
+    close_code = CloseCode.TOO_MANY_CONNECTIONS
+
+
 class PeerClosed(ChannelError):
     """The connection is closed: by the peer, or lost.
 
@@ -360,6 +388,8 @@ for _cls in (
     BadMetadata,
     UnexpectedMessage,
     KeepaliveTimeout,
+    ServerBusy,
+    TooManyConnections,
 ):
     assert _cls.close_code is not None and _cls.close_code not in _BY_CODE, _cls
     _BY_CODE[_cls.close_code] = _cls

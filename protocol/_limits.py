@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from tether.protocol._errors import UsageError
 
-__all__ = ["Limits", "RekeyPolicy"]
+__all__ = ["AdmissionLimits", "Limits", "RateLimiter", "RekeyPolicy"]
 
 MiB = 1024 * 1024
 
@@ -69,3 +69,74 @@ class RekeyPolicy:
     def __post_init__(self) -> None:
         if self.messages < 1 or self.bytes < 1:
             raise UsageError("RekeyPolicy thresholds must be positive")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AdmissionLimits:
+    """Server-wide admission limits: how many connections, and how fast each client may ask.
+
+    Per-client limits are keyed by the client's authenticated static key, so they hold
+    across all of that client's connections (a client cannot reset its budget by
+    reconnecting). Refusals are clear and distinct:
+
+    - a connection over `max_connections` is closed before the handshake with 1013
+      TRY_AGAIN_LATER (`ServerBusy`), so a flood of dials costs no Diffie-Hellman;
+    - one over `max_connections_per_client` is closed right after the handshake with 4060
+      TOO_MANY_CONNECTIONS (`TooManyConnections`);
+    - a request over the client's rate is answered ErrorReply(OVERLOADED, retryable=True)
+      saying when to retry; the connection stays open.
+
+    Attributes:
+        max_connections: websocket connections open at once, handshakes included.
+        max_connections_per_client: authenticated connections one client key may hold.
+        requests_per_second: sustained requests per second per client key (token bucket).
+        burst: requests a client may send at once above that rate (the bucket's size).
+    """
+
+    max_connections: int = 1024
+    max_connections_per_client: int = 32
+    requests_per_second: float = 500.0
+    burst: int = 1000
+
+    def __post_init__(self) -> None:
+        for name in ("max_connections", "max_connections_per_client", "burst"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise UsageError(f"AdmissionLimits.{name} must be a positive int, got {value!r}")
+        if not (isinstance(self.requests_per_second, (int, float)) and self.requests_per_second > 0):
+            raise UsageError(f"AdmissionLimits.requests_per_second must be > 0, got {self.requests_per_second!r}")
+
+
+class RateLimiter:
+    """A token bucket per key: `rate` tokens per second, at most `burst` saved up.
+
+    Sans-I/O: the caller passes the clock reading. Buckets of keys idle long enough to be
+    full again are dropped, so the table stays as small as the set of recently active keys.
+    """
+
+    __slots__ = ("_buckets", "_last_sweep", "burst", "rate")
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = float(rate)
+        self.burst = float(burst)
+        self._buckets: dict[bytes, tuple[float, float]] = {}  # key -> (tokens, time)
+        self._last_sweep = 0.0
+
+    def acquire(self, key: bytes, now: float) -> float:
+        """Take one token for `key`. Returns 0.0 if granted, else seconds until one is free."""
+        tokens, then = self._buckets.get(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - then) * self.rate)
+        if tokens >= 1.0:
+            self._buckets[key] = (tokens - 1.0, now)
+            self._sweep(now)
+            return 0.0
+        self._buckets[key] = (tokens, now)
+        return (1.0 - tokens) / self.rate
+
+    def _sweep(self, now: float) -> None:
+        full_after = self.burst / self.rate
+        if now - self._last_sweep < full_after:
+            return
+        self._last_sweep = now
+        for key in [k for k, (_, t) in self._buckets.items() if now - t >= full_after]:
+            del self._buckets[key]

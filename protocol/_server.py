@@ -1,6 +1,7 @@
 """The server side of the asyncio adapter: `serve()`, `Server`, `ServerConnection`, `Request`.
 
-What belongs here: accepting connections (handshake, admission), handing authenticated
+What belongs here: accepting connections (handshake, admission and its `AdmissionLimits`:
+connection counts, per-client request rate), handing authenticated
 connections and their requests to the service, cancellation, error replies and graceful
 shutdown. A handler's failure is logged and answered with ErrorReply(INTERNAL); nothing
 escapes into the websocket server loop.
@@ -18,9 +19,18 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from typing import Any
 
 from tether.protocol._driver import _Driver, _raise_ws_limit
-from tether.protocol._errors import ChannelError, CloseCode, HandshakeTimeout, PeerClosed, ProtocolError, UsageError
+from tether.protocol._errors import (
+    ChannelError,
+    CloseCode,
+    HandshakeTimeout,
+    PeerClosed,
+    ProtocolError,
+    ServerBusy,
+    TooManyConnections,
+    UsageError,
+)
 from tether.protocol._keys import Allowlist, KeyPair, PublicKey
-from tether.protocol._limits import Limits, RekeyPolicy
+from tether.protocol._limits import AdmissionLimits, Limits, RateLimiter, RekeyPolicy
 from tether.protocol._link import LinkEmulator
 from tether.protocol._messages import ErrorCode, ErrorReply, Hello, Message
 from tether.protocol._session import (
@@ -190,6 +200,8 @@ class ServerConnection:
     def _on_events(self, events: list[Any]) -> None:
         for event in events:
             if isinstance(event, RequestReceived):
+                if not self._admit_request(event.request_id):
+                    continue
                 request = Request(self, event.request_id, event.message)
                 self._requests[event.request_id] = request
                 self._incoming.put_nowait(request)
@@ -203,6 +215,24 @@ class ServerConnection:
                     entry[1].set_result(time.monotonic() - entry[0])
             elif isinstance(event, GoodbyeReceived):
                 pass
+
+    def _admit_request(self, request_id: int) -> bool:
+        """The per-client rate limit: over it, the request ends at once with a retryable
+        ErrorReply(OVERLOADED) saying when to retry; the connection stays open."""
+        retry_in = self.server._rate.acquire(self.peer_public_key.raw, time.monotonic())
+        if retry_in <= 0.0:
+            return True
+        admission = self.server.admission
+        self.server.rate_limited += 1
+        self._protocol.send_error(
+            request_id,
+            ErrorCode.OVERLOADED,
+            f"rate limit: over {admission.requests_per_second:g} requests/s (burst {admission.burst}) "
+            f"for this client; retry in {retry_in:.3f} s",
+            retryable=True,
+        )
+        self._driver.flush_soon()
+        return False
 
     def _on_closed(self, exc: ChannelError) -> None:
         self._incoming.put_nowait(None)
@@ -317,6 +347,7 @@ class Server:
         allowlist: Allowlist | None,
         token: str | None,
         limits: Limits,
+        admission: AdmissionLimits,
         rekey: RekeyPolicy | None,
         link: LinkEmulator | None,
         patterns: tuple[str, ...],
@@ -334,6 +365,10 @@ class Server:
         self.allowlist = allowlist
         self._token = token
         self.limits = limits
+        self.admission = admission
+        self._rate = RateLimiter(admission.requests_per_second, admission.burst)
+        self._sockets = 0  # websockets open now, handshakes included
+        self._per_client: dict[bytes, int] = {}  # authenticated connections per client key
         self._rekey = rekey
         self._link = link
         self._patterns = patterns
@@ -351,6 +386,8 @@ class Server:
         self._draining = False
         self.refused = 0  # connections closed during the handshake
         self.failed = 0  # connections closed for a protocol error after the handshake
+        self.busy = 0  # connections refused by an admission limit (ServerBusy, TooManyConnections)
+        self.rate_limited = 0  # requests refused by the per-client rate limit
 
     def __repr__(self) -> str:
         return f"<tether Server {self.host}:{self.port} key={self.public_key.fingerprint}>"
@@ -360,9 +397,25 @@ class Server:
         return f"ws://{self.host}:{self.port}"
 
     async def _ws_handler(self, ws: WsServerConnection) -> None:
-        """One websocket: handshake, admission, then the user's handler. Never raises."""
+        """One websocket: admission, handshake, then the user's handler. Never raises."""
         remote = ws.remote_address
         describe = f"client {remote[0]}:{remote[1]}" if remote else "client"
+        if self._sockets >= self.admission.max_connections:
+            # Refused before any cryptography, so a flood of dials stays cheap to turn away.
+            self.busy += 1
+            refusal = ServerBusy(f"server holds its maximum of {self.admission.max_connections} connections",
+                                 limit=self.admission.max_connections)
+            log.warning("%s: closing with TRY_AGAIN_LATER (1013): %s", describe, refusal)
+            with contextlib.suppress(Exception):
+                await ws.close(int(CloseCode.TRY_AGAIN_LATER), CloseCode.TRY_AGAIN_LATER.name)
+            return
+        self._sockets += 1
+        try:
+            await self._serve_socket(ws, describe, remote)
+        finally:
+            self._sockets -= 1
+
+    async def _serve_socket(self, ws: WsServerConnection, describe: str, remote: Any) -> None:
         protocol = ServerProtocol(
             self.server_keys,
             allowlist=self.allowlist,
@@ -385,32 +438,50 @@ class Server:
                 self.refused += 1
                 return
             assert protocol.peer is not None
-            _raise_ws_limit(ws, self.limits)
             driver.describe = f"{describe} ({protocol.peer.fingerprint})"
-            connection = ServerConnection(self, driver, protocol, remote)
-            self.connections.add(connection)
-            driver.start()
-            if self._draining:
-                protocol.start_draining()
-                connection._stop_iteration()
+            client = protocol.peer.raw
+            held = self._per_client.get(client, 0)
+            if held >= self.admission.max_connections_per_client:
+                self.busy += 1
+                limit = self.admission.max_connections_per_client
+                await driver.abort(TooManyConnections(f"client already holds its maximum of {limit} connections",
+                                                      limit=limit))
+                return
+            self._per_client[client] = held + 1
             try:
-                await self._handler(connection)
-            except Exception:
-                log.exception("%s: connection handler failed", driver.describe)
-                await driver.abort(ChannelError("connection handler failed"), code=CloseCode.INTERNAL_ERROR)
-            else:
-                if not driver.closed.is_set():
-                    await driver.close(CloseCode.GOING_AWAY if self._draining else CloseCode.NORMAL)
+                await self._run_connection(driver, protocol, remote)
             finally:
-                self.connections.discard(connection)
-            if driver.close_exc is not None and isinstance(driver.close_exc, ProtocolError):
-                self.failed += 1
+                left = self._per_client.pop(client) - 1
+                if left:
+                    self._per_client[client] = left
         except asyncio.CancelledError:
             raise
         except Exception:  # last line of defence: nothing escapes into websockets' server loop
             log.exception("%s: unexpected failure", describe)
             with contextlib.suppress(Exception):
                 await ws.close(int(CloseCode.INTERNAL_ERROR), CloseCode.INTERNAL_ERROR.name)
+
+    async def _run_connection(self, driver: _Driver, protocol: ServerProtocol, remote: Any) -> None:
+        """An admitted connection: the user's handler until it returns or the link ends."""
+        _raise_ws_limit(driver.ws, self.limits)
+        connection = ServerConnection(self, driver, protocol, remote)
+        self.connections.add(connection)
+        driver.start()
+        if self._draining:
+            protocol.start_draining()
+            connection._stop_iteration()
+        try:
+            await self._handler(connection)
+        except Exception:
+            log.exception("%s: connection handler failed", driver.describe)
+            await driver.abort(ChannelError("connection handler failed"), code=CloseCode.INTERNAL_ERROR)
+        else:
+            if not driver.closed.is_set():
+                await driver.close(CloseCode.GOING_AWAY if self._draining else CloseCode.NORMAL)
+        finally:
+            self.connections.discard(connection)
+        if driver.close_exc is not None and isinstance(driver.close_exc, ProtocolError):
+            self.failed += 1
 
     async def _handshake(self, driver: _Driver, protocol: ServerProtocol) -> bool:
         try:
@@ -472,6 +543,7 @@ async def serve(
     allowlist: Allowlist | Collection[PublicKey] | str | None = None,
     token: str | None = None,
     limits: Limits | None = None,
+    admission: AdmissionLimits | None = None,
     rekey: RekeyPolicy | None = None,
     ssl: ssl_module.SSLContext | None = None,
     link: LinkEmulator | None = None,
@@ -495,6 +567,8 @@ async def serve(
             to an allowlist file (reloaded on change). None admits any client key.
         token: bearer token clients must present (compared in constant time), or None.
         limits: what the server accepts (frame, metadata, tensor sizes, requests in flight).
+        admission: connection limits (server-wide and per client key) and the per-client
+            request rate; see `AdmissionLimits` for the close codes and errors.
         rekey: when the server rekeys its sending key.
         ssl: TLS context to serve ``wss://``.
         link: emulate link conditions on every connection (server side).
@@ -517,6 +591,7 @@ async def serve(
         allowlist=allowlist,
         token=token,
         limits=limits,
+        admission=admission or AdmissionLimits(),
         rekey=rekey,
         link=link,
         patterns=patterns,
