@@ -231,13 +231,14 @@ class CloudSession:
                 raise InvalidRequest(f"{what}: token id {t} outside the vocabulary (size {vocab})")
         return ids
 
-    async def _forward(self, token_ids: list[int]) -> tuple[torch.Tensor, int, float, float]:
+    async def _forward(self, token_ids: list[int], *, tail: int = 0) -> tuple[torch.Tensor, int, float, float]:
         """Run `token_ids` after the cache; long inputs in chunks. Returns (logits of the last
-        chunk, forward passes, compute seconds, queue seconds)."""
+        chunk, or of at least the last `tail` positions when they span several chunks;
+        forward passes, compute seconds, queue seconds)."""
         state = self._require_state()
         chunk = self._m.config.prefill_chunk
         passes, compute, queue = 0, 0.0, 0.0
-        logits = torch.empty(0)
+        kept: list[torch.Tensor] = []
         pos = 0
         while True:
             part = token_ids[pos:pos + chunk]
@@ -246,12 +247,15 @@ class CloudSession:
                 out = await self._m.batcher.extend(state, part)
             finally:
                 self.kv_tokens = state.length
-            logits = out.logits
+            end = pos + len(part)
+            if end > len(token_ids) - max(tail, 1):  # holds rows the caller asked for
+                kept.append(out.logits)
             passes += 1
             compute += out.compute_s
             queue += out.queue_s
-            pos += len(part)
+            pos = end
             if pos >= len(token_ids):
+                logits = kept[0] if len(kept) == 1 else torch.cat(kept)
                 return logits, passes, compute, queue
 
     async def _forward_tail(self, new_ids: list[int]) -> tuple[torch.Tensor, int, float, float]:
@@ -264,7 +268,7 @@ class CloudSession:
         if len(pending) - 1 > self._m.config.prefill_chunk:
             _, passes, compute, queue = await self._forward(pending[:-1])
             pending = pending[-1:]
-        logits, p2, c2, q2 = await self._forward(pending + new_ids)
+        logits, p2, c2, q2 = await self._forward(pending + new_ids, tail=len(new_ids) + 1)
         rows = logits[-(len(new_ids) + 1):]
         return rows, passes + p2, compute + c2, queue + q2
 

@@ -51,6 +51,7 @@ def _code_name(code: int | None) -> str:
 
 
 _OFFLOAD_BYTES = 256 * 1024  # records at least this large are encrypted/decrypted off the loop
+_CLOSE_FLUSH_S = 5.0  # how long a closing connection may take to send its last records
 _PIPELINE_DEPTH = 8  # received records checked and being decrypted ahead of the consumer
 _POOL: concurrent.futures.ThreadPoolExecutor | None = None
 
@@ -337,8 +338,9 @@ class _Driver:
             except ChannelError as exc:
                 await self.abort(exc, already_failed=True)
                 return
-            with contextlib.suppress(ConnectionClosed):
-                await self.flush()
+            # Never wait here for the send: a peer that stops reading would stop the clock,
+            # and with it the keepalive that is meant to detect it.
+            self.flush_soon()
 
     # ---- closing
 
@@ -348,9 +350,7 @@ class _Driver:
             self.protocol._fail(exc)
         close_code = int(code or self.protocol.close_code or exc.close_code or CloseCode.INTERNAL_ERROR)
         log.warning("%s: closing with %s (%d): %s", self.describe, _code_name(close_code), close_code, exc)
-        with contextlib.suppress(Exception):
-            await self.flush()
-            await self._drain_out()
+        await self._flush_before_close()
         self._finish(exc, close_code)
         with contextlib.suppress(Exception):
             await self.ws.close(close_code, _code_name(close_code))
@@ -360,12 +360,18 @@ class _Driver:
         if self.closed.is_set():
             return
         self.protocol.send_goodbye(code, reason)
-        with contextlib.suppress(Exception):
-            await self.flush()
-            await self._drain_out()
+        await self._flush_before_close()
         self._finish(UsageError("the connection was closed by this side"), int(code))
         with contextlib.suppress(Exception):
             await self.ws.close(int(code), _code_name(code))
+
+    async def _flush_before_close(self) -> None:
+        """Send what is queued (the Goodbye last), for at most `_CLOSE_FLUSH_S`: a peer that
+        stops reading must not keep a closing connection, and its memory, alive."""
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(_CLOSE_FLUSH_S):
+                await self.flush()
+                await self._drain_out()
 
     def _lost(self) -> None:
         code, reason = close_info(self._lost_exc) if self._lost_exc is not None else (int(CloseCode.ABNORMAL), "")
