@@ -78,6 +78,12 @@ def _cloud_error(exc: BaseException) -> CloudError:
     return BackendError(f"connection to the cloud failed: {type(exc).__name__}")
 
 
+def _cost(reply: Any, passes: int) -> dict[str, Any]:
+    """The reply's cost fields for the API result (a server without them: `passes` passes, 0 s)."""
+    return {"forward_passes": passes if reply.forward_passes is None else int(reply.forward_passes),
+            "compute_s": reply.compute_s or 0.0, "queue_s": reply.queue_s or 0.0}
+
+
 class RemoteCloud:
     """A connection to a `tether serve` instance that opens sessions on it.
 
@@ -107,6 +113,8 @@ class RemoteCloud:
         async with self._lock:
             if self._conn is None or self._conn.closed:
                 kw = dict(self._kwargs)
+                # "cost": replies carry forward passes and compute seconds (the edge's stats).
+                kw["capabilities"] = (*kw.get("capabilities", ()), "cost")
                 try:
                     self._conn = await connect(kw.pop("url"), kw.pop("client_keys"), **kw)
                 except (OSError, asyncio.TimeoutError) as exc:
@@ -141,6 +149,10 @@ class RemoteCloudSession:
         self._length = 0
         self._closed = False
         self.info: SessionInfo | None = None
+        # Bytes that crossed the connection while this session's requests were in flight
+        # (the edge's per-generation stats; concurrent sessions on one connection overlap).
+        self.bytes_sent = 0
+        self.bytes_received = 0
 
     @property
     def length(self) -> int:
@@ -154,7 +166,15 @@ class RemoteCloudSession:
     def session_id(self) -> str | None:
         return self._id
 
+    def _count_bytes(self, since: tuple[int, int]) -> None:
+        self.bytes_sent += max(0, int(getattr(self._conn, "bytes_sent", 0)) - since[0])
+        self.bytes_received += max(0, int(getattr(self._conn, "bytes_received", 0)) - since[1])
+
+    def _byte_mark(self) -> tuple[int, int]:
+        return int(getattr(self._conn, "bytes_sent", 0)), int(getattr(self._conn, "bytes_received", 0))
+
     async def _request(self, message: Any) -> Any:
+        mark = self._byte_mark()
         try:
             return await self._conn.request(message)
         except CloudError:
@@ -163,6 +183,8 @@ class RemoteCloudSession:
             raise
         except Exception as exc:
             raise _cloud_error(exc) from exc
+        finally:
+            self._count_bytes(mark)
 
     def _sid(self) -> str:
         if self._id is None:
@@ -222,7 +244,7 @@ class RemoteCloudSession:
                                                 draft_indices=indices, draft_probs=probs))
         self._length = reply.length
         return VerifyResult(accepted=reply.accepted, next_token=reply.next_token,
-                            is_bonus=reply.accepted == len(draft), length=reply.length)
+                            is_bonus=reply.accepted == len(draft), length=reply.length, **_cost(reply, 1))
 
     async def score(self, token_ids: Sequence[int], *, top_k: int = 5, commit: bool = True) -> ScoreResult:
         from tether.protocol import ScoreTokens
@@ -239,7 +261,7 @@ class RemoteCloudSession:
             top_ids = tuple(() for _ in range(rows))
             top_lp = tuple(() for _ in range(rows))
         return ScoreResult(token_logprobs=tuple(float(x) for x in reply.token_logprobs.tolist()),
-                           top_ids=top_ids, top_logprobs=top_lp, length=reply.length)
+                           top_ids=top_ids, top_logprobs=top_lp, length=reply.length, **_cost(reply, 1))
 
     async def generate(self, n: int, *, stop_ids: Sequence[int] = ()) -> AsyncIterator[GenerateChunk]:
         from tether.protocol import Generate
@@ -251,13 +273,17 @@ class RemoteCloudSession:
         if n < 0:
             raise InvalidRequest(f"generate needs n >= 0, got {n}")
         msg = Generate(session_id=sid, max_new_tokens=n, stop_tokens=tuple(int(t) for t in stop_ids))
+        mark = self._byte_mark()
         try:
             async for reply in self._conn.stream(msg):
                 self._length = reply.length
                 finish: Any = reply.finish_reason if reply.finish_reason in ("stop", "length") else None
                 ids = tuple(int(t) for t in reply.tokens.tolist())
-                yield GenerateChunk(token_ids=ids, finish_reason=finish, length=reply.length,
-                                    forward_passes=len(ids))
+                self._count_bytes(mark)
+                mark = self._byte_mark()
+                cost = _cost(reply, len(ids))
+                cost.pop("queue_s", None)
+                yield GenerateChunk(token_ids=ids, finish_reason=finish, length=reply.length, **cost)
         except CloudError:
             raise
         except asyncio.CancelledError:
@@ -266,6 +292,8 @@ class RemoteCloudSession:
             raise
         except Exception as exc:
             raise _cloud_error(exc) from exc
+        finally:
+            self._count_bytes(mark)
 
     async def continue_hidden(
         self, hidden: npt.NDArray[np.floating[Any]] | Tensor, *, layer: int, top_k: int = 0
@@ -292,7 +320,8 @@ class RemoteCloudSession:
         if reply.top_indices is not None and reply.top_logprobs is not None:
             ti = tuple(int(x) for x in reply.top_indices.tolist())
             tl = tuple(float(x) for x in reply.top_logprobs.tolist())
-        return HiddenResult(next_token=reply.next_token, top_ids=ti, top_logprobs=tl, length=reply.length)
+        return HiddenResult(next_token=reply.next_token, top_ids=ti, top_logprobs=tl, length=reply.length,
+                            **_cost(reply, 1))
 
     async def chat(
         self,

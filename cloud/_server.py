@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -48,6 +49,19 @@ from tether.cloud._openai import OpenAIApp
 from tether.cloud._session import CloudSession
 
 log = logging.getLogger("tether.cloud.server")
+
+# Set per connection: whether its client announced the "cost" capability (its replies then
+# carry forward passes and compute seconds; older clients reject unknown reply fields).
+_wants_cost: contextvars.ContextVar[bool] = contextvars.ContextVar("tether_wants_cost", default=False)
+
+
+def _cost(result: Any) -> dict[str, Any]:
+    """The optional cost fields of a reply, for clients that asked for them."""
+    if not _wants_cost.get():
+        return {}
+    return {"forward_passes": int(result.forward_passes), "compute_s": float(result.compute_s),
+            "queue_s": float(getattr(result, "queue_s", 0.0))}
+
 
 _CAPABILITY_NAMES = ("verify", "sampling_verify", "score", "generate", "hidden", "chat", "json_mode", "rollback")
 
@@ -229,6 +243,7 @@ class CloudServer:
         self.connections += 1
         client = conn.peer_public_key.fingerprint
         current_client.set(client)  # this connection's requests open sessions charged to it
+        _wants_cost.set("cost" in conn.hello.capabilities)
         log.info("client connected", extra={"client": client})
         try:
             await conn.serve_requests(lambda request: self._dispatch(request, sessions))
@@ -312,7 +327,8 @@ class CloudServer:
         if isinstance(msg, VerifyDraft):
             s = self._session(sessions, msg.session_id)
             r = await s.verify(msg.tokens.tolist(), _draft_probs(msg.draft_indices, msg.draft_probs))
-            return VerifyResult(session_id=s.id, accepted=r.accepted, next_token=r.next_token, length=r.length)
+            return VerifyResult(session_id=s.id, accepted=r.accepted, next_token=r.next_token, length=r.length,
+                                **_cost(r))
         if isinstance(msg, ScoreTokens):
             s = self._session(sessions, msg.session_id)
             tokens = msg.tokens.tolist()
@@ -324,7 +340,7 @@ class CloudServer:
                 top_l = np.asarray(res.top_logprobs[:rows], dtype=np.float32).reshape(rows, msg.top_k)
             return Scores(session_id=s.id, length=res.length,
                           token_logprobs=np.asarray(res.token_logprobs, dtype=np.float32),
-                          top_indices=top_i, top_logprobs=top_l)
+                          top_indices=top_i, top_logprobs=top_l, **_cost(res))
         if isinstance(msg, ContinueHidden):
             s = self._session(sessions, msg.session_id)
             h = await s.continue_hidden(msg.hidden.numpy(), layer=msg.layer, top_k=msg.top_k)
@@ -333,7 +349,7 @@ class CloudServer:
                 ti = np.asarray(h.top_ids, dtype=np.int64)
                 tl = np.asarray(h.top_logprobs, dtype=np.float32)
             return HiddenResult(session_id=s.id, next_token=h.next_token, length=h.length,
-                                top_indices=ti, top_logprobs=tl)
+                                top_indices=ti, top_logprobs=tl, **_cost(h))
         if isinstance(msg, Chat):
             s, owned = await self._chat_session(msg, sessions)
             try:
@@ -372,7 +388,7 @@ class CloudServer:
                     sampling = _sampling(msg.sampling, None)
                 async for c in s.generate(msg.max_new_tokens, stop_ids=msg.stop_tokens, sampling=sampling):
                     yield GenerateChunk(session_id=s.id, length=c.length, finish_reason=c.finish_reason,
-                                        tokens=np.asarray(c.token_ids, dtype=np.int64))
+                                        tokens=np.asarray(c.token_ids, dtype=np.int64), **_cost(c))
                 return
             s, owned = await self._chat_session(msg, sessions)
             try:

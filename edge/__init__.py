@@ -28,7 +28,7 @@ from tether.edge._minions_types import (
     WorkerResult,
 )
 from tether.edge._client import Client, EdgeClient, SyncGeneration
-from tether.edge._connectors import InProcessCloud, LazyCloud
+from tether.edge._connectors import InProcessCloud, LazyCloud, LoopbackCloud
 from tether.edge._draft_length import (
     AdaptiveDraftLength,
     DraftLengthPolicy,
@@ -79,6 +79,7 @@ __all__ = [
     "InProcessCloud",
     "Job",
     "LazyCloud",
+    "LoopbackCloud",
     "LinkSevered",
     "MinionsError",
     "MinionsFailed",

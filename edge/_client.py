@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from typing import Any, TypeVar
 
 from tether.cloud import SamplingParams
-from tether.edge._connectors import InProcessCloud, LazyCloud
+from tether.edge._connectors import LazyCloud, LoopbackCloud
 from tether.edge._edge_model import EdgeModel
 from tether.edge._draft_length import DraftLengthPolicy
 from tether.edge._link import EmulatedLink
@@ -112,16 +112,19 @@ class EdgeClient:
     ) -> EdgeClient:
         """The embedded default: the edge model here and the cloud service in this process.
 
-        The edge model loads now; the cloud model (default `DEFAULT_CLOUD_MODEL`) loads on
-        the first request that needs it (so ``mode="edge"`` never pays for it), or when
-        ``await client.warm_up()`` is called. Both sides get their own compute thread.
+        The cloud service is a real `CloudServer` on loopback (127.0.0.1, an ephemeral port
+        and key pair), run on its own thread, and the edge reaches it through the encrypted
+        protocol exactly as it would reach `tether serve`. The edge model loads now; the
+        cloud model (default `DEFAULT_CLOUD_MODEL`) and its server start on the first
+        request that needs them (so ``mode="edge"`` never pays for them), or when
+        ``await client.warm_up()`` is called. `aclose()` stops the server.
 
         Args:
             edge_model: edge registry name, path, or a loaded `EdgeModel`.
             cloud_model: cloud registry name or path.
             edge_backend: runtime backend of the edge (``"torch"``, ``"onnx-int4"``, ...).
             edge_threads, cloud_threads: torch/onnx threads for each side (None: default).
-            link: emulate a network between edge and cloud (tests, benchmarks).
+            link: emulate a network (delay, jitter, bandwidth) on the loopback connection.
             mode, speculative, resilience, split, split_model: as for the constructor
                 (split mode shares the in-process cloud model unless `split_model` is given).
         """
@@ -130,14 +133,10 @@ class EdgeClient:
         )
 
         async def build() -> CloudConnector:
-            return await _start_local_cloud(cloud_model, cloud_threads)
+            return await LoopbackCloud.start(lambda: _load_cloud(cloud_model), threads=cloud_threads, link=link)
 
-        cloud: CloudConnector = LazyCloud(build)
-        if link is not None:
-            cloud = EmulatedLink(cloud, link)
-        client = cls(edge, cloud, mode=mode, speculative=speculative, resilience=resilience, split=split,
-                     split_model=split_model)
-        return client
+        return cls(edge, LazyCloud(build), mode=mode, speculative=speculative, resilience=resilience, split=split,
+                   split_model=split_model)
 
     @classmethod
     async def connect(
@@ -461,24 +460,16 @@ class EdgeClient:
         return strategy
 
 
-async def _start_local_cloud(cloud_model: str | None, threads: int | None) -> CloudConnector:
-    """Load the cloud model on a worker thread and start an in-process session manager."""
-    from tether.cloud._manager import SessionManager
+def _load_cloud(cloud_model: str | None) -> tuple[Any, Any, str]:
+    """Load the local cloud's runtime (torch): ``(runtime, tokenizer, name)``."""
     from tether.runtime._loader import load_runtime
 
     if cloud_model is None:
         from tether.models import DEFAULT_CLOUD_MODEL
 
         cloud_model = DEFAULT_CLOUD_MODEL
-    name = cloud_model
-    runtime, tokenizer = await asyncio.to_thread(load_runtime, name, "torch")
-    manager = SessionManager(runtime, tokenizer=tokenizer, model_name=name)
-    await manager.start()
-    if threads is not None:
-        import torch
-
-        await manager.batcher.call(lambda: torch.set_num_threads(threads))
-    return InProcessCloud(manager, owns=True)
+    runtime, tokenizer = load_runtime(cloud_model, "torch")
+    return runtime, tokenizer, cloud_model
 
 
 def _check_mode(mode: str) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from tether.edge._link import EmulatedLink
 from tether.edge._remote import CloudConnector
 from tether.protocol import KeyPair, LinkEmulator
 
@@ -51,6 +50,5 @@ async def connect_remote(
         options["token"] = token
     if link is not None:
         options["link"] = link
-    remote = await RemoteCloud.connect(url, keys, server_public_key=server_key, **options)
-    # A pass-through EmulatedLink counts (estimated) bytes per session for the stats.
-    return EmulatedLink(remote)
+    remote: CloudConnector = await RemoteCloud.connect(url, keys, server_public_key=server_key, **options)
+    return remote  # its sessions count the connection's real bytes for the stats

@@ -88,6 +88,16 @@ class Connection:
         return self._protocol.in_flight
 
     @property
+    def bytes_sent(self) -> int:
+        """Bytes of the websocket messages this connection sent (encrypted records)."""
+        return self._driver.bytes_sent
+
+    @property
+    def bytes_received(self) -> int:
+        """Bytes of the websocket messages this connection received after the handshake."""
+        return self._driver.bytes_received
+
+    @property
     def transport_stats(self) -> dict[str, int]:
         t = self._protocol.transport
         assert t is not None

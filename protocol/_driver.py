@@ -95,6 +95,9 @@ class _Driver:
         self.closed = asyncio.Event()
         self.close_exc: ChannelError | None = None
         self.close_code: int | None = None
+        # Websocket message payload bytes (records; websocket framing excluded), for statistics.
+        self.bytes_sent = 0
+        self.bytes_received = 0
 
     def _spawn(self, coro: Any) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
@@ -185,6 +188,7 @@ class _Driver:
             await self._send_record(record)
 
     async def _send_record(self, record: bytes | bytearray) -> None:
+        self.bytes_sent += len(record)
         if self._out_shaper is None:
             await self.ws.send(record)
             return
@@ -248,6 +252,7 @@ class _Driver:
                 if isinstance(data, str):
                     await self.abort(ProtocolError("text message on a binary protocol"))
                     return
+                self.bytes_received += len(data)
                 if self._in_queue is not None:
                     assert self._in_shaper is not None
                     self._in_queue.put_nowait((self._in_shaper.schedule(len(data), time.monotonic()), data))

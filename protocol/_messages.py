@@ -19,7 +19,7 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 
 from tether.protocol._errors import InvalidMessage
-from tether.protocol._schema import Record, TensorFieldInvalid, record, tensor_field
+from tether.protocol._schema import Record, TensorFieldInvalid, late_field, record, tensor_field
 from tether.protocol._tensors import DType, Tensor
 
 __all__ = [
@@ -68,6 +68,8 @@ CHAT_ROLES = ("system", "user", "assistant", "tool")
 MAX_SESSION_ID = 128
 MAX_TOP_K = 1024
 MAX_ERROR_MESSAGE = 1024
+MAX_FORWARD_PASSES = 1 << 20  # cost fields: far above any one request, small enough to sum safely
+MAX_COST_S = 86_400.0
 
 
 class Kind(IntEnum):
@@ -107,6 +109,15 @@ def _non_negative(value: int | None, where: str) -> None:
 def _finish(value: str | None, where: str) -> None:
     if value is not None and value not in FINISH_REASONS:
         raise InvalidMessage(f"{where}.finish_reason must be one of {FINISH_REASONS}, got {value!r}")
+
+
+def _cost(forward_passes: int | None, compute_s: float | None, queue_s: float | None, where: str) -> None:
+    """The optional cost fields of a reply (bounded: they feed the client's statistics)."""
+    if forward_passes is not None and not 0 <= forward_passes <= MAX_FORWARD_PASSES:
+        raise InvalidMessage(f"{where}.forward_passes must be in [0, {MAX_FORWARD_PASSES}], got {forward_passes}")
+    for name, value in (("compute_s", compute_s), ("queue_s", queue_s)):
+        if value is not None and not 0.0 <= value <= MAX_COST_S:
+            raise InvalidMessage(f"{where}.{name} must be in [0, {MAX_COST_S:g}] seconds, got {value}")
 
 
 def _top(indices: np.ndarray | None, logprobs: np.ndarray | None, where: str, rows: int | None) -> None:
@@ -329,16 +340,24 @@ class AppendTokens(Message):
 class VerifyResult(Message):
     """`accepted` draft tokens were kept; `next_token` is the correction (a draft token was
     rejected) or the bonus token (all were accepted). The context now holds the accepted
-    tokens and next_token: `length`."""
+    tokens and next_token: `length`.
+
+    Cost fields (optional, sent only to clients that announce the "cost" capability):
+    `forward_passes` the cloud model ran for this request, their `compute_s` and the
+    `queue_s` the request waited for a batch slot."""
 
     session_id: str
     accepted: int
     next_token: int
     length: int
     finish_reason: str | None = None
+    forward_passes: int | None = late_field()
+    compute_s: float | None = late_field()
+    queue_s: float | None = late_field()
 
     def _check(self) -> None:
         _session_id(self.session_id, "VerifyResult")
+        _cost(self.forward_passes, self.compute_s, self.queue_s, "VerifyResult")
         _non_negative(self.accepted, "VerifyResult.accepted")
         _non_negative(self.length, "VerifyResult.length")
         _finish(self.finish_reason, "VerifyResult")
@@ -384,16 +403,24 @@ class VerifyDraft(Message):
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
 class Scores(Message):
     """`token_logprobs[i]` = log p(tokens[i] | context, tokens[:i]); optional top-k per row
-    (n rows, or n + 1 with include_next: the last row predicts the token after them)."""
+    (n rows, or n + 1 with include_next: the last row predicts the token after them).
+
+    Cost fields (optional, sent only to clients that announce the "cost" capability):
+    `forward_passes` the cloud model ran for this request, their `compute_s` and the
+    `queue_s` the request waited for a batch slot."""
 
     session_id: str
     length: int
+    forward_passes: int | None = late_field()
+    compute_s: float | None = late_field()
+    queue_s: float | None = late_field()
     token_logprobs: np.ndarray = tensor_field(*_F32, ndim=1)
     top_indices: np.ndarray | None = tensor_field(*_INT, ndim=2, optional=True)
     top_logprobs: np.ndarray | None = tensor_field(*_F32, ndim=2, optional=True)
 
     def _check(self) -> None:
         _session_id(self.session_id, "Scores")
+        _cost(self.forward_passes, self.compute_s, self.queue_s, "Scores")
         _top(self.top_indices, self.top_logprobs, "Scores", None)
 
 
@@ -418,15 +445,23 @@ class ScoreTokens(Message):
 @message(0x0205, Kind.REPLY)
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
 class GenerateChunk(Message):
-    """Some generated tokens; the END-flagged chunk carries finish_reason."""
+    """Some generated tokens; the END-flagged chunk carries finish_reason.
+
+    Cost fields (optional, sent only to clients that announce the "cost" capability):
+    `forward_passes` the cloud model ran for this request, their `compute_s` and the
+    `queue_s` the request waited for a batch slot."""
 
     session_id: str
     length: int
     finish_reason: str | None = None
+    forward_passes: int | None = late_field()
+    compute_s: float | None = late_field()
+    queue_s: float | None = late_field()
     tokens: np.ndarray = tensor_field(*_INT, ndim=1)
 
     def _check(self) -> None:
         _session_id(self.session_id, "GenerateChunk")
+        _cost(self.forward_passes, self.compute_s, self.queue_s, "GenerateChunk")
         _finish(self.finish_reason, "GenerateChunk")
 
 
@@ -451,17 +486,25 @@ class Generate(Message):
 @message(0x0206, Kind.REPLY)
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
 class HiddenResult(Message):
-    """The token sampled after running layers [layer, L); optional top-k of its distribution."""
+    """The token sampled after running layers [layer, L); optional top-k of its distribution.
+
+    Cost fields (optional, sent only to clients that announce the "cost" capability):
+    `forward_passes` the cloud model ran for this request, their `compute_s` and the
+    `queue_s` the request waited for a batch slot."""
 
     session_id: str
     next_token: int
     length: int
     finish_reason: str | None = None
+    forward_passes: int | None = late_field()
+    compute_s: float | None = late_field()
+    queue_s: float | None = late_field()
     top_indices: np.ndarray | None = tensor_field(*_INT, ndim=1, optional=True)
     top_logprobs: np.ndarray | None = tensor_field(*_F32, ndim=1, optional=True)
 
     def _check(self) -> None:
         _session_id(self.session_id, "HiddenResult")
+        _cost(self.forward_passes, self.compute_s, self.queue_s, "HiddenResult")
         _finish(self.finish_reason, "HiddenResult")
         _top(self.top_indices, self.top_logprobs, "HiddenResult", None)
 

@@ -25,7 +25,7 @@ from tether.protocol._errors import BadMetadata, BadTensor, InvalidMessage
 from tether.protocol._metadata import INT64_MAX, INT64_MIN
 from tether.protocol._tensors import _FROM_NUMPY, DType, Tensor
 
-__all__ = ["Record", "TensorSpec", "tensor_field"]
+__all__ = ["Record", "TensorSpec", "late_field", "tensor_field"]
 
 Converter = Callable[[Any, str, bool], Any]
 
@@ -53,6 +53,15 @@ def tensor_field(*dtypes: DType, ndim: int | None = None, optional: bool = False
     return dataclasses.field(metadata={"tensor": spec})
 
 
+def late_field() -> Any:
+    """Declare an optional metadata field added after a message type first shipped.
+
+    It defaults to None and is left out of the encoding while None, so a peer that predates
+    it (and rejects unknown fields) still decodes the message whenever it is unset.
+    """
+    return dataclasses.field(default=None, metadata={"omit_if_none": True})
+
+
 @dataclass(frozen=True, slots=True)
 class FieldInfo:
     name: str
@@ -65,6 +74,7 @@ class FieldInfo:
     slot: int = -1
     default: Any = None  # used when a decoded message omits an optional field
     default_factory: Callable[[], Any] | None = None
+    omit_if_none: bool = False  # a `late_field`: not encoded while None
 
     def default_value(self) -> Any:
         return self.default_factory() if self.default_factory is not None else self.default
@@ -200,7 +210,10 @@ class Record:
         for info in self.FIELDS:
             if info.tensor is None:
                 assert info.to_json is not None
-                out[info.name] = info.to_json(getattr(self, info.name))
+                value = getattr(self, info.name)
+                if value is None and info.omit_if_none:
+                    continue
+                out[info.name] = info.to_json(value)
         return out
 
     @classmethod
@@ -342,7 +355,8 @@ def build_fields(cls: type) -> tuple[FieldInfo, ...]:
             default = None if f.default is dataclasses.MISSING else f.default
             factory = None if f.default_factory is dataclasses.MISSING else f.default_factory
             out.append(
-                FieldInfo(f.name, required, convert=convert, to_json=to_json, default=default, default_factory=factory)
+                FieldInfo(f.name, required, convert=convert, to_json=to_json, default=default, default_factory=factory,
+                          omit_if_none=bool(f.metadata.get("omit_if_none")))
             )
     return tuple(out)
 
