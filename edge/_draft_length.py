@@ -8,8 +8,9 @@ The adaptive policy maximises expected committed tokens per second. With a per-t
 acceptance rate alpha (Leviathan et al. 2023, eq. 1) a draft of k tokens commits
 E[k] = (1 - alpha^(k+1)) / (1 - alpha) tokens per verify (accepted drafts plus the
 correction or bonus token). One round costs the network round trip, the cloud's verify
-time V(k) — measured per k, since on a CPU it is not flat in k — and the draft time that
-pipelining did not hide. The policy picks the k in [1, limit] with the best ratio.
+time V(k) — a line fitted over all rounds plus what each k measured beyond it, since on a
+CPU it is neither flat in k nor quiet — and the draft time that pipelining did not hide.
+The policy picks the k in [1, limit] with the best ratio.
 """
 
 from __future__ import annotations
@@ -107,23 +108,31 @@ def expected_tokens(alpha: float, k: int) -> float:
 class AdaptiveDraftLength:
     """Choose k to maximise expected committed tokens per second, from live measurements.
 
-    Estimates, each an exponentially weighted average (weight `decay` on the past):
-    the acceptance rate alpha (maximum likelihood of the geometric acceptance model:
-    accepted / (accepted + rejections), starting from a prior), the edge's draft time per
-    token, the network time per request, and the verify time V(k) for each k seen. V(k)
-    for an unseen k is interpolated between seen ones, and extrapolated with a mild
-    optimistic slope, so the policy explores longer drafts until measurements stop it.
+    Estimates (exponentially weighted, weight `decay` on the past): the acceptance rate
+    alpha (maximum likelihood of the geometric acceptance model: accepted / (accepted +
+    rejections), starting from a prior), the edge's draft time per token, the network time
+    per request, and the cloud's verify cost V(k).
+
+    V(k) pools every round: a weighted least-squares line ``a + b * (k + 1)`` over all the
+    (k, verify seconds) pairs seen (the pass holds k drafts and the pending token), pulled
+    towards ``b = prior_slope * a`` while k has barely varied. Each k's own mean departure
+    from the line is added back, shrunk by how often that k was measured, so a real step
+    in the cost curve (a kernel change at some width) is learnt, while one noisy round on
+    a shared CPU cannot make a k look cheap (per-k averages alone chase such luck: the
+    policy then keeps the lucky k because it never re-measures the others).
 
     Args:
         max_k: the longest draft ever chosen.
         pipelined: the strategy drafts ahead while a verify is in flight, so draft time
-            is hidden whenever the next block was prefetched (probability ~alpha^(k+1)).
+            is hidden whenever the next block was prefetched (probability alpha^(k+1)).
         prior_alpha, prior_weight: the acceptance prior and its weight in rounds.
         decay: weight of the past in every running estimate (0 < decay < 1).
-        unseen_slope: relative verify-cost growth per extra token assumed for k beyond
-            the longest measured.
-        reprobe_every: every this many rounds, try a neighbour of the best k whose
-            verify time was not measured in that long.
+        prior_slope: the verify cost's growth per extra token relative to its fixed part,
+            assumed until measurements at several k say otherwise.
+        shrink: rounds of evidence a k needs before its own departure from the line
+            counts half.
+        probe_every: every this many rounds, try a neighbour of the best k (alternately
+            one longer and one shorter), so the line sees more than one width.
 
     One policy is meant to live as long as its client: the cost curve and the draft
     speed belong to the deployment, and the acceptance estimate carries over as a prior.
@@ -137,25 +146,32 @@ class AdaptiveDraftLength:
         prior_alpha: float = 0.6,
         prior_weight: float = 3.0,
         decay: float = 0.9,
-        unseen_slope: float = 0.05,
-        reprobe_every: int = 16,
+        prior_slope: float = 0.1,
+        shrink: float = 3.0,
+        probe_every: int = 8,
     ) -> None:
         if max_k < 1:
             raise ValueError(f"max_k must be >= 1, got {max_k}")
         if not 0.0 < decay < 1.0:
             raise ValueError(f"decay must be in (0, 1), got {decay}")
+        if prior_slope < 0 or shrink <= 0 or probe_every < 2:
+            raise ValueError("prior_slope must be >= 0, shrink > 0 and probe_every >= 2")
         self.max_k = max_k
         self.pipelined = pipelined
         self.decay = decay
-        self.unseen_slope = unseen_slope
+        self.prior_slope = prior_slope
+        self.shrink = shrink
+        self.probe_every = probe_every
         self._acc = prior_alpha * prior_weight
         self._rej = (1.0 - prior_alpha) * prior_weight
         self._draft_s: float | None = None
         self._network_s: float | None = None
-        self._verify_s: dict[int, float] = {}
-        self._seen_at: dict[int, int] = {}
+        # Weighted sums over (n = k + 1, v = verify seconds) for the pooled line.
+        self._sw = self._sn = self._snn = self._sv = self._snv = 0.0
+        # Per k: weighted mean departure from the line, and its weight.
+        self._resid: dict[int, float] = {}
+        self._resid_w: dict[int, float] = {}
         self._rounds = 0
-        self.reprobe_every = reprobe_every
 
     # -- estimates -------------------------------------------------------------------
 
@@ -164,68 +180,74 @@ class AdaptiveDraftLength:
         """Current per-token acceptance estimate."""
         return self._acc / (self._acc + self._rej)
 
-    def verify_cost(self, k: int) -> float:
-        """Estimated cloud seconds to verify k drafts (0 before any measurement).
+    def _line(self) -> tuple[float, float] | None:
+        """``(a, b)`` of the pooled verify-cost line ``a + b * (k + 1)``; None before data."""
+        if self._sw <= 0.0:
+            return None
+        mean_n, mean_v = self._sn / self._sw, self._sv / self._sw
+        var = max(0.0, self._snn / self._sw - mean_n * mean_n)
+        cov = self._snv / self._sw - mean_n * mean_v
+        a0 = mean_v / (1.0 + self.prior_slope * mean_n)
+        prior_weight = 1.0  # in squared tokens: a spread of +-1 in k weighs as much as the prior
+        b = max(0.0, (cov + prior_weight * self.prior_slope * a0) / (var + prior_weight))
+        a = max(0.0, mean_v - b * mean_n)
+        return a, b
 
-        Between measured lengths: linear interpolation. Below the shortest measured: in
-        proportion to the tokens in the pass (k drafts + 1 pending), which is optimistic
-        for short drafts, so they get tried. Above the longest: a mild `unseen_slope`
-        per extra token, optimistic for long drafts too.
-        """
-        seen = self._verify_s
-        if not seen:
+    def verify_cost(self, k: int) -> float:
+        """Estimated cloud seconds to verify k drafts (0 before any measurement)."""
+        line = self._line()
+        if line is None:
             return 0.0
-        if k in seen:
-            return seen[k]
-        lower = [j for j in seen if j < k]
-        upper = [j for j in seen if j > k]
-        if lower and upper:
-            a, b = max(lower), min(upper)
-            t = (k - a) / (b - a)
-            return seen[a] + t * (seen[b] - seen[a])
-        if lower:
-            a = max(lower)
-            return seen[a] * (1.0 + self.unseen_slope * (k - a))
-        b = min(upper)
-        return seen[b] * (k + 1) / (b + 1)
+        a, b = line
+        fitted = a + b * (k + 1)
+        w = self._resid_w.get(k, 0.0)
+        if w > 0.0:
+            fitted += self._resid[k] * w / (w + self.shrink)
+        return max(0.0, fitted)
 
     def expected_rate(self, k: int) -> float:
         """Expected committed tokens per second (per arbitrary unit before measurements)."""
         alpha = self.alpha
         tokens = expected_tokens(alpha, k)
+        if self._sw <= 0.0:
+            # Nothing timed yet: the prior's shape of the verify cost, in units of its fixed part.
+            return tokens / (1.0 + self.prior_slope * (k + 1))
         draft = self._draft_s if self._draft_s is not None else 0.0
-        network = self._network_s if self._network_s is not None else 0.0
-        verify = self.verify_cost(k)
-        wait = network + verify
+        wait = (self._network_s or 0.0) + self.verify_cost(k)
         if self.pipelined:
             hit = alpha ** (k + 1)
-            # A hit was drafted ahead during the wait: only the excess shows.
+            # A hit was drafted ahead during the wait (k drafts and the bonus guess): only
+            # the excess shows. A miss drafts the next block from scratch.
             draft_time = hit * max(0.0, (k + 1) * draft - wait) + (1.0 - hit) * k * draft
         else:
             draft_time = k * draft
         seconds = wait + draft_time
-        if seconds <= 0.0:
-            # Nothing measured yet: a tiny per-token cost keeps k finite.
-            seconds = 1.0 + 0.1 * k
-        return tokens / seconds
+        return tokens / seconds if seconds > 0.0 else tokens
 
-    # -- policy ----------------------------------------------------------------------
-
-    def choose(self, *, limit: int) -> int:
+    def best(self, *, limit: int) -> int:
+        """The k in [1, limit] with the highest expected rate (no side effects)."""
         top = max(1, min(limit, self.max_k))
         best_k, best_rate = 1, -math.inf
         for k in range(1, top + 1):
             rate = self.expected_rate(k)
             if rate > best_rate * (1.0 + 1e-9):
                 best_k, best_rate = k, rate
-        # Re-probe a neighbour whose measurement went stale, so the cost curve follows
-        # the load (one round in `reprobe_every`).
-        self._rounds += 1
-        if self._rounds % self.reprobe_every == 0:
-            for k in (best_k + 1, best_k - 1):
-                if 1 <= k <= top and self._rounds - self._seen_at.get(k, -10**9) > self.reprobe_every:
-                    return k
         return best_k
+
+    # -- policy ----------------------------------------------------------------------
+
+    def choose(self, *, limit: int) -> int:
+        k = self.best(limit=limit)
+        self._rounds += 1
+        if self._rounds % self.probe_every == 0:
+            # Probe a neighbour, alternately longer and shorter, so the cost line is fitted
+            # over more than one width (and follows the load).
+            step = 1 if (self._rounds // self.probe_every) % 2 else -1
+            top = max(1, min(limit, self.max_k))
+            for probe in (k + step, k - step):
+                if 1 <= probe <= top:
+                    return probe
+        return k
 
     def update(self, observation: RoundObservation) -> None:
         d = self.decay
@@ -236,9 +258,21 @@ class AdaptiveDraftLength:
             self._draft_s = _ema(self._draft_s, observation.draft_s_per_token, d)
         self._network_s = _ema(self._network_s, max(0.0, observation.network_s), d)
         k = observation.drafted
-        if k >= 1:
-            self._verify_s[k] = _ema(self._verify_s.get(k), max(0.0, observation.verify_s), 0.7)
-            self._seen_at[k] = self._rounds
+        if k < 1:
+            return
+        v = max(0.0, observation.verify_s)
+        line = self._line()
+        n = float(k + 1)
+        self._sw = d * self._sw + 1.0
+        self._sn = d * self._sn + n
+        self._snn = d * self._snn + n * n
+        self._sv = d * self._sv + v
+        self._snv = d * self._snv + n * v
+        if line is not None:  # departure from the line as it stood before this round
+            resid = v - (line[0] + line[1] * n)
+            w = d * self._resid_w.get(k, 0.0) + 1.0
+            self._resid[k] = self._resid.get(k, 0.0) + (resid - self._resid.get(k, 0.0)) / w
+            self._resid_w[k] = w
 
     def __repr__(self) -> str:
         return f"AdaptiveDraftLength(alpha={self.alpha:.2f}, max_k={self.max_k})"

@@ -240,7 +240,9 @@ class SpeculativeStrategy:
         # Draft ahead while the verify is in flight.
         ahead = _Ahead()
         if self.options.pipeline and not self._chain_has_eos(len(block)):
-            want = len(block) + 1 + self.policy.choose(limit=self.options.max_draft) - len(d.speculative)
+            # The bonus guess and a next block as long as this one (the policy's choice
+            # moves slowly; asking it again here would count as a round).
+            want = len(block) + 1 + k - len(d.speculative)
             if want > 0:
                 ahead.future = asyncio.ensure_future(self.edge.run(d.draft, want, cancel=ahead.cancel))
         try:
