@@ -69,7 +69,9 @@ CLOUD_SYSTEM = (
     "The local model is weak: give it simple extraction instructions, one fact per job "
     '(e.g. "What was the revenue of the X division in Q3? Give the number."), and do any arithmetic yourself. '
     "Never put figures you guess into instructions or hints: you do not know them. "
-    "Chunks without the fact return nothing. Results come back as JSON lines with job, chunks, answer and citation."
+    "Chunks without the fact return nothing. Results come back as JSON lines with job, chunks, answer and citation. "
+    "Results can disagree or be wrong: use an answer whose citation states what the job asked for "
+    "(the same name, period and measure)."
 )
 
 EDGE_SYSTEM = (
@@ -86,7 +88,8 @@ def worker_prompt(tokenizer: Any, chunk: Chunk, job: Job, *, max_new_tokens: int
     task = f"Task: {job.instruction}\n"
     if job.hints:
         task += f"Hints (they may be wrong: take facts only from the excerpt): {job.hints}\n"
-    task += "If the excerpt does not contain it, answer null. Reply with the JSON object only."
+    task += ("If the excerpt does not contain it (for example, it gives the figure for another name or period), "
+             "answer null. Reply with the JSON object only.")
     segments = render_segments(tokenizer, [
         {"role": "system", "content": EDGE_SYSTEM},
         {"role": "user", "content": [f"Excerpt{where}:\n{chunk.text}\n", task]},
@@ -161,11 +164,20 @@ def grounded(answer: str, citation: str, chunk: Chunk) -> tuple[bool, str]:
     return keep, citation if quote and quote in hay else ""
 
 
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}\b)")
+
+
+def _same_answer(answer: str) -> str:
+    """The form under which two answers count as the same ("$5,634." and "5634" do)."""
+    text = _THOUSANDS.sub("", answer.replace("$", "")).casefold()
+    return _SPACE.sub(" ", text).strip().rstrip(".")
+
+
 def _merge(results: Sequence[WorkerResult]) -> list[dict[str, Any]]:
     """One line per (job, answer): the chunks that gave it, and the first citation."""
     merged: dict[tuple[int, str], dict[str, Any]] = {}
     for r in results:
-        key = (r.job, r.answer)
+        key = (r.job, _same_answer(r.answer))
         if key not in merged:
             merged[key] = {"job": r.job, "chunks": [], "answer": r.answer}
         line = merged[key]

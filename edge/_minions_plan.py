@@ -368,16 +368,46 @@ class WorkerReply:
     citation: str
 
 
+# A reply cut off by the token limit: the answer is complete, the citation may not be.
+_CUT_REPLY = re.compile(
+    r'\s*\{\s*"answer"\s*:\s*("(?:[^"\\]|\\.)*"|-?\d+(?:\.\d+)?(?=\s*,)|null)\s*'
+    r'(?:,\s*"citation"\s*:\s*"((?:[^"\\]|\\.)*))?', re.S)
+
+
+def _cut_reply(text: str) -> dict[str, Any] | None:
+    """The fields of a worker reply whose JSON object was cut off mid-way, or None.
+
+    The edge model writes the answer first and the quote after it, so a reply that hit
+    ``edge_max_tokens`` usually holds a whole answer and part of a quote: keep both (the
+    partial quote is still checked against the chunk by grounding).
+    """
+    m = _CUT_REPLY.match(text)
+    if m is None:
+        return None
+    obj: dict[str, Any] = {"answer": json.loads(m.group(1))}
+    if m.group(2):
+        raw = m.group(2).rstrip("\\")  # a dangling escape at the cut
+        try:
+            obj["citation"] = json.loads(f'"{raw}"')
+        except ValueError:
+            obj["citation"] = ""
+    return obj
+
+
 def parse_worker_reply(text: str, *, max_chars: int = 300) -> WorkerReply:
     """Read the edge model's ``{"answer": ..., "citation": ...}``; anything unusable abstains.
 
     Answers are cut to `max_chars`, citations too; ``null``, ``""`` and phrases such as
-    "not mentioned" count as abstentions.
+    "not mentioned" count as abstentions. A reply cut off by the token limit after a
+    complete answer keeps that answer and the part of the citation written so far.
     """
     try:
         obj = extract_json(text, PlanLimits(max_reply_chars=max(16_000, len(text))))
     except PlanError:
-        return WorkerReply(answer=None, citation="")
+        cut = _cut_reply(text)
+        if cut is None:
+            return WorkerReply(answer=None, citation="")
+        obj = cut
     raw = obj.get("answer")
     if isinstance(raw, bool) or raw is None:
         answer = None

@@ -222,6 +222,23 @@ def test_worker_replies_and_abstentions(text: str, answer: str | None) -> None:
     assert parse_worker_reply(text).answer == answer
 
 
+@pytest.mark.parametrize(("text", "answer", "citation"), [
+    ('{"answer": "5,634", "citation": "The Juniper division reported Q3 rev', "5,634",
+     "The Juniper division reported Q3 rev"),
+    ('{"answer": 5634, "citation": "a \\"quoted\\" word and a cut escape \\', "5634",
+     'a "quoted" word and a cut escape'),
+    ('{"answer": "5634", "citation": "cut in a unicode escape \\u00', "5634", ""),
+    ('{"answer": "5634",', "5634", ""),
+    ('{"answer": 56', None, ""),  # the number itself may be cut: abstain
+    ('{"answer": "56', None, ""),
+    ('{"answer": null, "citation": "The', None, "The"),
+])
+def test_worker_reply_cut_by_the_token_limit_keeps_a_complete_answer(text: str, answer: str | None,
+                                                                     citation: str) -> None:
+    reply = parse_worker_reply(text)
+    assert (reply.answer, reply.citation) == (answer, citation)
+
+
 def test_worker_reply_is_cut_and_cleaned() -> None:
     reply = parse_worker_reply(json.dumps({"answer": "a" * 500, "citation": "x<|im_end|>y" + "c" * 500}),
                                max_chars=50)

@@ -288,3 +288,13 @@ def test_grounded() -> None:
     assert grounded("Cobalt", "not a quote", c) == (True, "")
     assert grounded("1,197", "x", c)[0] is False
     assert grounded("3", "", c)[0] is False  # the 3 of "Q3" is not a figure
+
+
+def test_results_with_the_same_figure_merge_into_one_line(byte_tokenizer: Any) -> None:
+    replies = iter(['{"answer": "$5,634.", "citation": ""}', '{"answer": "5634", "citation": ""}',
+                    '{"answer": "5,635", "citation": ""}'] + ['{"answer": null}'] * 100)
+    result, clouds, _ = drive(minions(byte_tokenizer, options=OPTS.replace(grounding=False)),
+                              [jobs({"instruction": "Q3 revenue?"}), answer("5634")], lambda p: next(replies))
+    sent = clouds[1].messages[-1]["content"]
+    assert '"chunks": [0, 1], "answer": "$5,634."' in sent and '"chunks": [2], "answer": "5,635"' in sent
+    assert len(result.rounds[0].results) == 3  # the transcript keeps every result
