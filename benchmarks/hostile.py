@@ -190,14 +190,14 @@ def random_request(rng: random.Random, session_id: str, vocab: int, model: str) 
         width = rng.choice([8, 64, 65])
         hidden = np.array([[rng.choice([rng.uniform(-3, 3), float("nan"), float("inf")]) for _ in range(width)]
                            for _ in range(rows)], np.float32)
-        return ContinueHidden(session_id=session_id, layer=rng.randrange(-1, 30), compression="none",
-                              hidden=Tensor.from_numpy(hidden), tokens=tokens[:rows])
+        return ContinueHidden(session_id=session_id, layer=rng.randrange(0, 30), compression="none",
+                              hidden=Tensor.from_numpy(hidden))
     if kind == 5:
-        return Chat(messages=(ChatMessage(role=rng.choice(["user", "system", "x"]), content="x" * rng.randrange(40)),),
+        return Chat(messages=(ChatMessage(role=rng.choice(["user", "system", "assistant"]), content="x" * rng.randrange(40)),),
                     max_tokens=rng.choice([1, 2, 10**6]))
     if kind == 6:
         return OpenSession(model=rng.choice(["nope", model]), seed=rng.randrange(100), prompt=tokens)
-    return Rollback(session_id=session_id, length=rng.randrange(-5, 100))
+    return Rollback(session_id=session_id, length=rng.randrange(0, 100))
 
 
 def hypothesis_frames(count: int, seed: int) -> list[bytes]:
