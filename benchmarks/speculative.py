@@ -55,8 +55,30 @@ class Tally:
     cloud_compute_s: float = 0.0
     drafted: int = 0
     accepted: int = 0
+    corrected: int = 0
     rounds: int = 0
+    edge_passes: int = 0
+    edge_compute_s: float = 0.0
+    bytes_up: int = 0
+    bytes_down: int = 0
     outputs: list[list[int]] = field(default_factory=list)
+
+    def add(self, r: Any, speculative: bool) -> None:
+        """Add one generation's result."""
+        s = r.stats
+        self.tokens += s.completion_tokens
+        self.wall_s += s.wall_s
+        self.cloud_passes += s.cloud_forward_passes
+        self.cloud_compute_s += s.cloud_compute_s
+        self.drafted += s.drafted_tokens
+        self.accepted += s.accepted_tokens
+        self.corrected += s.tokens_by_origin.get("cloud-corrected", 0)
+        self.rounds += s.rounds if speculative else 0
+        self.edge_passes += s.edge_forward_passes
+        self.edge_compute_s += s.edge_compute_s
+        self.bytes_up += s.bytes_up
+        self.bytes_down += s.bytes_down
+        self.outputs.append(list(r.token_ids))
 
     def row(self) -> dict[str, Any]:
         n = max(1, self.tokens)
@@ -68,6 +90,12 @@ class Tally:
             "cloud_compute_s_per_token": round(self.cloud_compute_s / n, 4),
             "acceptance_rate": round(self.accepted / self.drafted, 3) if self.drafted else None,
             "mean_draft_length": round(self.drafted / self.rounds, 2) if self.rounds else None,
+            # Geometric per-token acceptance (accepted / (accepted + rejections)); the cost model's alpha.
+            "alpha": round(self.accepted / (self.accepted + self.corrected), 3) if self.drafted else None,
+            "cloud_compute_s_per_pass": round(self.cloud_compute_s / self.cloud_passes, 4) if self.cloud_passes else None,
+            "edge_s_per_pass": round(self.edge_compute_s / self.edge_passes, 4) if self.edge_passes else None,
+            "bytes_up_per_token": round(self.bytes_up / n, 1),
+            "bytes_down_per_token": round(self.bytes_down / n, 1),
         }
 
 
@@ -93,14 +121,6 @@ asyncio.run(main())
 """
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process (Linux /proc)."""
-    import os
-
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 class _CloudProcess:
     """`CloudServer` in its own process (own interpreter, own torch threads), on loopback."""
 
@@ -117,9 +137,6 @@ class _CloudProcess:
                 break
         else:
             raise RuntimeError("the cloud server process exited before it was ready")
-
-    def cpu_seconds(self) -> float:
-        return _cpu_seconds(self.proc.pid)
 
     def close(self) -> None:
         self.proc.terminate()
@@ -169,27 +186,21 @@ async def _client_runs(args: argparse.Namespace, results: dict[str, dict[str, An
             await warm.generate(prompts[0], mode=mode, max_new_tokens=4)
         await warm.aclose()
         for rtt_ms in args.rtts:
-            for method in args.methods:
-                if method not in specs or (method == "edge" and rtt_ms != args.rtts[0]):
-                    continue
-                mode, opts = specs[method]
-                client = await make_client(rtt_ms)
-                tally = Tally()
-                cpu0 = server.cpu_seconds() if server is not None else 0.0
-                for prompt in prompts:
-                    r = await client.generate(prompt, mode=mode, max_new_tokens=args.max_new_tokens, speculative=opts)
-                    s = r.stats
-                    tally.tokens += s.completion_tokens
-                    tally.wall_s += s.wall_s
-                    tally.cloud_passes += s.cloud_forward_passes
-                    tally.cloud_compute_s += s.cloud_compute_s
-                    tally.drafted += s.drafted_tokens
-                    tally.accepted += s.accepted_tokens
-                    tally.rounds += s.rounds if mode == "speculative" else 0
-                    tally.outputs.append(list(r.token_ids))
+            methods = [m for m in args.methods if m in specs and (m != "edge" or rtt_ms == args.rtts[0])]
+            # One client (connection, draft-length policy) per method; prompts interleave the
+            # methods so that each sees the same load on the shared machine.
+            clients = {m: await make_client(rtt_ms) for m in methods}
+            tallies = {m: Tally() for m in methods}
+            for prompt in prompts:
+                for method in methods:
+                    mode, opts = specs[method]
+                    r = await clients[method].generate(prompt, mode=mode, max_new_tokens=args.max_new_tokens,
+                                                       speculative=opts)
+                    tallies[method].add(r, mode == "speculative")
+            for client in clients.values():
                 await client.aclose()
-                if server is not None:  # the wire carries no compute times: use the server's CPU time
-                    tally.cloud_compute_s = server.cpu_seconds() - cpu0
+            for method in methods:
+                tally, mode = tallies[method], specs[method][0]
                 row = tally.row()
                 if method == "cloud":
                     cloud_outputs[str(rtt_ms)] = tally.outputs
@@ -307,8 +318,8 @@ def _markdown(report: dict[str, Any]) -> str:
         "",
         "![tokens/s vs RTT](speculative_rtt.png)",
         "",
-        "| method | " + " | ".join(f"{r} ms tok/s" for r in rtts) + " | cloud passes/token | cloud s/token (each RTT) | acceptance |",
-        "|---" * (len(rtts) + 4) + "|",
+        "| method | " + " | ".join(f"{r} ms tok/s" for r in rtts) + " | cloud passes/token | cloud s/token (each RTT) | acceptance | bytes up/down per token |",
+        "|---" * (len(rtts) + 5) + "|",
     ]
     for method, rows in res.items():
         cells = [f"{rows[str(r)]['tokens_per_s']:.2f}" if rows.get(str(r), {}).get("tokens_per_s") else "-" for r in rtts]
@@ -318,12 +329,53 @@ def _markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"| {method} | " + " | ".join(cells)
             + f" | {first['cloud_passes_per_token']:.2f} | {compute} | "
-            + (f"{acc:.0%}" if acc is not None else "-") + " |"
+            + (f"{acc:.0%}" if acc is not None else "-")
+            + (f" | {first['bytes_up_per_token']:.0f} / {first['bytes_down_per_token']:.0f} |"
+               if first.get("bytes_up_per_token") else " | - |")
         )
     lines += ["", "Targets (issue 6) and outcome:", ""]
     for t in report["targets"]:
         lines.append(f"- {t['target']}: measured {t['measured']} — {'met' if t['met'] else 'missed'}")
+    ceil = {r: c for r, c in report.get("ceiling", {}).items() if c}
+    if ceil:
+        lines += ["", "Cost-model ceiling of adaptive+pipelined over fixed k=4 (non-pipelined), from this run's own "
+                  "measurements (alpha from the k=4 rounds, edge s/token from edge mode, verify cost as a line "
+                  "through the cloud's reported compute per pass at 1 token and at k=4, network = the emulated RTT):", ""]
+        for r, c in ceil.items():
+            lines.append(f"- {r} ms: alpha {c['alpha']:.2f}, edge {1000 * c['edge_s_per_token']:.0f} ms/token, verify "
+                         f"{c['verify_s_1']:.3f} s + {1000 * c['verify_s_per_extra_token']:.0f} ms/extra token: best k "
+                         f"{c['best_k']}, at most **{c['ratio']:.2f}x** k=4")
     return "\n".join(lines)
+
+
+def _ceiling(res: dict[str, dict[str, Any]], rtt_ms: int) -> dict[str, Any] | None:
+    """What the cost model allows adaptive+pipelined over fixed k=4 with this run's measurements.
+
+    Inputs measured in this run: alpha from the k=4 rounds at this RTT, the edge's seconds per
+    draft token (edge mode), and the cloud's verify cost as a line through its compute
+    seconds per pass for one token (cloud mode) and for k=4 blocks; the network is the
+    emulated RTT alone (protocol overhead left out). Returns the best k and the predicted
+    tokens/s ratio of the best pipelined k over non-pipelined k=4 (None without the inputs).
+    """
+    from tether.edge._draft_length import expected_tokens, round_seconds
+
+    k4, cloud, edge = (res.get(m, {}).get(str(rtt_ms)) for m in ("speculative-k4", "cloud", "edge"))
+    if not (k4 and cloud and edge) or None in (k4["alpha"], k4["cloud_compute_s_per_pass"],
+                                              cloud["cloud_compute_s_per_pass"], edge["edge_s_per_pass"]):
+        return None
+    alpha, d, net = min(k4["alpha"], 0.999), edge["edge_s_per_pass"], rtt_ms / 1000
+    n4 = 1.0 + (k4["mean_draft_length"] or 4.0)
+    v1, v4 = cloud["cloud_compute_s_per_pass"], k4["cloud_compute_s_per_pass"]
+    slope = max(0.0, (v4 - v1) / (n4 - 1.0)) if n4 > 1.0 else 0.0
+
+    def rate(k: int, pipelined: bool) -> float:
+        verify = v1 + slope * k
+        return expected_tokens(alpha, k) / round_seconds(k, alpha=alpha, draft_s=d, network_s=net,
+                                                         verify_s=verify, pipelined=pipelined)
+
+    best = max(range(1, 17), key=lambda k: rate(k, True))
+    return {"alpha": alpha, "edge_s_per_token": d, "verify_s_1": v1, "verify_s_per_extra_token": round(slope, 4),
+            "best_k": best, "ratio": round(rate(best, True) / rate(4, False), 3)}
 
 
 def _targets(res: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -395,14 +447,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "cloud_threads": args.cloud_threads,
             "cloud_placement": ("own process, encrypted protocol on loopback, link emulated in the protocol adapter"
                                 if args.cloud_process else "same process, link emulated per session request"),
-            "cloud_compute": ("server process CPU seconds" if args.cloud_process
-                              else "compute seconds the cloud reports per forward pass"),
+            "cloud_compute": "compute seconds the cloud reports per forward pass (over the wire), prefill excluded",
+            "order": "per RTT, prompts interleave the methods (one client each)",
             "decoding": "greedy",
             "seconds": round(time.time() - t0, 1),
         },
         "results": results,
     }
     report["targets"] = _targets(results)
+    report["ceiling"] = {str(r): _ceiling(results, r) for r in args.rtts}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     if not args.no_docs:

@@ -105,6 +105,21 @@ def expected_tokens(alpha: float, k: int) -> float:
     return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
 
 
+def round_seconds(k: int, *, alpha: float, draft_s: float, network_s: float, verify_s: float, pipelined: bool) -> float:
+    """Expected seconds of one round that drafts k tokens (the cost model's denominator).
+
+    The wait is the network plus the verify. Without pipelining the k drafts come first.
+    With it, a hit (all k accepted and the edge's bonus guess right: alpha^(k+1)) finds the
+    next block drafted during the wait, so only drafting beyond the wait shows; a miss
+    drafts the next block from scratch.
+    """
+    wait = network_s + verify_s
+    if not pipelined:
+        return wait + k * draft_s
+    hit = alpha ** (k + 1)
+    return wait + hit * max(0.0, (k + 1) * draft_s - wait) + (1.0 - hit) * k * draft_s
+
+
 class AdaptiveDraftLength:
     """Choose k to maximise expected committed tokens per second, from live measurements.
 
@@ -212,16 +227,8 @@ class AdaptiveDraftLength:
         if self._sw <= 0.0:
             # Nothing timed yet: the prior's shape of the verify cost, in units of its fixed part.
             return tokens / (1.0 + self.prior_slope * (k + 1))
-        draft = self._draft_s if self._draft_s is not None else 0.0
-        wait = (self._network_s or 0.0) + self.verify_cost(k)
-        if self.pipelined:
-            hit = alpha ** (k + 1)
-            # A hit was drafted ahead during the wait (k drafts and the bonus guess): only
-            # the excess shows. A miss drafts the next block from scratch.
-            draft_time = hit * max(0.0, (k + 1) * draft - wait) + (1.0 - hit) * k * draft
-        else:
-            draft_time = k * draft
-        seconds = wait + draft_time
+        seconds = round_seconds(k, alpha=alpha, draft_s=self._draft_s or 0.0, network_s=self._network_s or 0.0,
+                                verify_s=self.verify_cost(k), pipelined=self.pipelined)
         return tokens / seconds if seconds > 0.0 else tokens
 
     def best(self, *, limit: int) -> int:
