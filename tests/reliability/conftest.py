@@ -64,11 +64,13 @@ async def cloud_server(cloud_hf, byte_tok, server_keys) -> AsyncIterator[Callabl
 
     servers: list[Any] = []
 
-    async def start(*, allowlist: Any = None, protocol_options: dict[str, Any] | None = None, **config: Any) -> Any:
+    async def start(*, allowlist: Any = None, token: str | None = None, protocol_options: dict[str, Any] | None = None,
+                    **config: Any) -> Any:
         config.setdefault("batch_window_s", 0.0)
         manager = SessionManager(TorchCausalLM(cloud_hf, name="tiny-cloud"), tokenizer=byte_tok,
                                  config=CloudConfig(**config))
-        server = CloudServer(manager, keys=server_keys, allowlist=allowlist, protocol_options=protocol_options)
+        server = CloudServer(manager, keys=server_keys, allowlist=allowlist, token=token,
+                             protocol_options=protocol_options)
         await server.start()
         servers.append(server)
         return server
