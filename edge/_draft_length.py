@@ -162,7 +162,7 @@ class AdaptiveDraftLength:
         prior_weight: float = 3.0,
         decay: float = 0.9,
         prior_slope: float = 0.1,
-        shrink: float = 3.0,
+        shrink: float = 1.0,
         probe_every: int = 8,
     ) -> None:
         if max_k < 1:
