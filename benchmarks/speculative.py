@@ -1,7 +1,7 @@
 """Speculative drafting on the real pair: tokens/s and cloud cost vs emulated round-trip time.
 
 Methods (same prompts, same run, greedy):
-- ``cloud``: the cloud model generates every token (one request per token over the link).
+- ``cloud``: the cloud model generates every token (one streamed `Generate` request per answer).
 - ``edge``: the edge model alone (no link; the same number at every RTT).
 - ``speculative-k4``: edge drafts k=4, cloud verifies, no pipelining.
 - ``speculative-adaptive``: cost-model draft length + pipelined drafting.
@@ -61,6 +61,7 @@ class Tally:
     edge_compute_s: float = 0.0
     bytes_up: int = 0
     bytes_down: int = 0
+    ttft_s: float = 0.0
     outputs: list[list[int]] = field(default_factory=list)
 
     def add(self, r: Any, speculative: bool) -> None:
@@ -78,6 +79,7 @@ class Tally:
         self.edge_compute_s += s.edge_compute_s
         self.bytes_up += s.bytes_up
         self.bytes_down += s.bytes_down
+        self.ttft_s += s.ttft_s or 0.0
         self.outputs.append(list(r.token_ids))
 
     def row(self) -> dict[str, Any]:
@@ -86,6 +88,9 @@ class Tally:
             "tokens": self.tokens,
             "wall_s": round(self.wall_s, 3),
             "tokens_per_s": round(self.tokens / self.wall_s, 3) if self.wall_s else None,
+            # After the first token of each answer (prompt prefill and first step left out).
+            "decode_tokens_per_s": round((self.tokens - len(self.outputs)) / (self.wall_s - self.ttft_s), 3)
+            if self.wall_s > self.ttft_s > 0 else None,
             "cloud_passes_per_token": round(self.cloud_passes / n, 3),
             "cloud_compute_s_per_token": round(self.cloud_compute_s / n, 4),
             "acceptance_rate": round(self.accepted / self.drafted, 3) if self.drafted else None,
