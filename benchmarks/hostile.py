@@ -372,6 +372,8 @@ async def fuzz_campaign(
     """Send at least `frames` frames: about a third before the handshake (one hostile
     handshake message per connection), the rest after it (a session, well-formed random
     requests, then one hostile frame per connection; 40% of those drawn by hypothesis)."""
+    from websockets.exceptions import ConnectionClosed
+
     rng = random.Random(seed)
     pre = max(1, frames // 3)
     post = max(1, (frames - pre) // (valid_per_connection + 2) + 1)
@@ -391,11 +393,11 @@ async def fuzz_campaign(
                 else:
                     await _post_handshake(url, keys, server_key, local, report, corpus, vocab, model,
                                           valid_per_connection)
-            except (OSError, TimeoutError, ConnectionError) as exc:
-                # The server failed to answer a well-formed step: that is a finding, not noise.
+            except ConnectionClosed as exc:  # closed during a well-formed step: by what code?
+                _tally_close(report, _close_code_of(exc))
+            except (OSError, TimeoutError):  # the server failed to answer a well-formed step
                 report.unclean += 1
                 report.close_codes[-2] += 1
-                del exc
             if progress is not None:
                 progress(report.frames - before)
 

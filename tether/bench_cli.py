@@ -31,6 +31,7 @@ _BENCH_MODULES: tuple[str, ...] = (
     "tether.benchmarks.minions",
     "tether.benchmarks.runtime",
     "tether.benchmarks.split",
+    "tether.benchmarks.soak",
 )
 
 bench_app = typer.Typer(
