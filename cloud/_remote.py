@@ -47,7 +47,7 @@ def _capabilities(names: Sequence[str]) -> Capabilities:
     have = set(names)
     return Capabilities(verify="verify" in have, sampling_verify="sampling_verify" in have, score="score" in have,
                         generate="generate" in have, hidden="hidden" in have, chat="chat" in have,
-                        json_mode=False, rollback="rollback" in have)
+                        json_mode="json_mode" in have, rollback="rollback" in have)
 
 
 def _cloud_error(exc: BaseException) -> CloudError:
@@ -335,11 +335,11 @@ class RemoteCloudSession:
         from tether.protocol import ChatMessage as WireMessage
         from tether.protocol import SamplingParams as WireSampling
 
-        if json_mode:
-            raise UnsupportedOperation("json_mode is not carried by the wire protocol's Chat message yet")
+        if json_mode and not self._caps.json_mode:
+            raise UnsupportedOperation("this server cannot constrain chat output to JSON (no json_mode capability)")
         msgs = tuple(WireMessage(role=m.role, content=m.content) for m in as_messages(messages))
         reply = await self._request(Chat(messages=msgs, session_id=self._sid(), max_tokens=max_tokens,
-                                         sampling=WireSampling(temperature=temperature)))
+                                         sampling=WireSampling(temperature=temperature), json_mode=json_mode or None))
         finish: Any = "length" if reply.finish_reason == "length" else "stop"
         return ChatResult(text=reply.text, prompt_tokens=reply.prompt_tokens or 0,
                           completion_tokens=reply.completion_tokens or 0, finish_reason=finish)

@@ -354,7 +354,8 @@ class CloudServer:
             s, owned = await self._chat_session(msg, sessions)
             try:
                 chat = await s.chat([{"role": m.role, "content": m.content} for m in msg.messages],
-                                    max_tokens=msg.max_tokens, temperature=float(msg.sampling.temperature))
+                                    max_tokens=msg.max_tokens, temperature=float(msg.sampling.temperature),
+                                    json_mode=bool(msg.json_mode))
             finally:
                 if owned:
                     await s.close()
@@ -395,7 +396,7 @@ class CloudServer:
                 async for delta, final in s.chat_stream(
                         [{"role": m.role, "content": m.content} for m in msg.messages],
                         max_tokens=msg.max_tokens, temperature=float(msg.sampling.temperature),
-                        top_p=float(msg.sampling.top_p)):
+                        top_p=float(msg.sampling.top_p), json_mode=bool(msg.json_mode)):
                     if final is not None:
                         yield ChatChunk(text="", finish_reason=final.finish_reason,
                                         prompt_tokens=final.prompt_tokens,

@@ -572,6 +572,8 @@ class Chat(Message):
     sampling: SamplingParams = dataclasses.field(default_factory=SamplingParams)
     seed: int | None = None
     stream: bool = False
+    # Constrain the answer to JSON (servers announcing "json_mode"); unset: free text.
+    json_mode: bool | None = late_field()
 
     def _check(self) -> None:
         if not self.messages:

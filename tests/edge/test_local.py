@@ -81,3 +81,22 @@ async def test_cost_fields_only_for_clients_that_ask(pair: tuple[Path, Path]) ->
                 await conn.close()
     finally:
         await asyncio.wait_for(loopback.aclose(), 30)
+
+
+async def test_chat_json_mode_crosses_the_wire(pair: tuple[Path, Path]) -> None:
+    """Minions' JSON-constrained chat works through local() as it did in-process."""
+    import json
+
+    from tether.edge._client import _load_cloud
+
+    _, cloud_dir = pair
+    loopback = await LoopbackCloud.start(lambda: _load_cloud(str(cloud_dir)))
+    try:
+        s = await loopback.new_session()
+        info = await s.open()
+        assert info.capabilities.json_mode
+        res = await s.chat([{"role": "user", "content": "answer in JSON"}], max_tokens=40, json_mode=True)
+        assert isinstance(json.loads(res.text), dict), res.text
+        await s.close()
+    finally:
+        await asyncio.wait_for(loopback.aclose(), 30)
