@@ -8,13 +8,20 @@ tensor with `Tensor.numpy()`), or when rows are sent (`_split.py`).
 Every codec works row by row (position by position), so compressing a prompt in one
 message or token by token gives the same rows: the cloud's cache is the same either way.
 
-| name | wire dtype     | bytes per row of H values | what is lost                               |
-|------|----------------|---------------------------|--------------------------------------------|
-| fp32 | FLOAT32        | 4 H                       | nothing                                    |
-| fp16 | FLOAT16        | 2 H                       | mantissa bits; values past 65504 saturate  |
-| bf16 | BFLOAT16       | 2 H                       | mantissa bits (fp32's range)               |
-| int8 | INT8_ROWWISE   | H + 4                     | absmax per row: scale = max abs / 127      |
-| int4 | INT4_GROUPED   | H / 2 + H / 16            | absmax per 32 values: scale = max abs / 7  |
+| name         | wire dtype           | bytes per row of H values | what is lost                              |
+|--------------|----------------------|---------------------------|-------------------------------------------|
+| fp32         | FLOAT32              | 4 H                       | nothing                                   |
+| fp16         | FLOAT16              | 2 H                       | mantissa bits; values past 65504 saturate |
+| bf16         | BFLOAT16             | 2 H                       | mantissa bits (fp32's range)              |
+| int8         | INT8_ROWWISE         | H + 4                     | absmax per row: scale = max abs / 127     |
+| int8-deflate | INT8_ROWWISE_DEFLATE | 4 + DEFLATE(int8 values)  | as int8 (the DEFLATE stage is lossless)   |
+| int4         | INT4_GROUPED         | H / 2 + H / 16            | absmax per 32 values: scale = max abs / 7 |
+
+int8-deflate exists because a residual stream's per-row absmax is set by a few outlier
+channels, so nearly all of a row's int8 values are small integers: their entropy is a few
+bits, not eight, and DEFLATE's Huffman stage spends about that. Its size depends on the data;
+`nbytes` gives int8's (the most it can usefully take) for planning, and each sent tensor's
+`nbytes` is what it really took.
 
 int4 groups (the GGUF Q4_0 layout with a float16 scale) is the stronger scheme: residual
 streams carry a few huge outlier channels, and a per-row scale spends int8's range on
@@ -36,7 +43,7 @@ from tether.protocol._tensors import INT4_GROUP, wire_nbytes
 __all__ = ["CODECS", "COMPRESSIONS", "HiddenCodec", "get_codec"]
 
 #: Compression names `SplitOptions.compression` accepts, lossless first.
-COMPRESSIONS: Final[tuple[str, ...]] = ("fp32", "fp16", "bf16", "int8", "int4")
+COMPRESSIONS: Final[tuple[str, ...]] = ("fp32", "fp16", "bf16", "int8", "int8-deflate", "int4")
 
 _FP16_MAX = float(np.finfo(np.float16).max)
 
@@ -59,7 +66,8 @@ class HiddenCodec(Protocol):
         ...
 
     def nbytes(self, rows: int, hidden_size: int) -> int:
-        """Bytes of tensor data `rows` rows take on the wire (scales included, framing not)."""
+        """Bytes of tensor data `rows` rows take on the wire (scales included, framing not);
+        for a codec whose size depends on the data (int8-deflate), the size to plan with."""
         ...
 
 
@@ -76,6 +84,8 @@ class _Codec:
     dtype: DType
 
     def nbytes(self, rows: int, hidden_size: int) -> int:
+        if self.dtype is DType.INT8_ROWWISE_DEFLATE:  # data-dependent: plan with plain int8's size
+            return wire_nbytes(DType.INT8_ROWWISE, (rows, hidden_size))
         return wire_nbytes(self.dtype, (rows, hidden_size))
 
     def encode(self, hidden: torch.Tensor) -> Tensor:
@@ -89,6 +99,8 @@ class _Codec:
             return Tensor.bfloat16(rows)
         if self.dtype is DType.INT8_ROWWISE:
             return Tensor.int8_rowwise(rows)
+        if self.dtype is DType.INT8_ROWWISE_DEFLATE:
+            return Tensor.int8_rowwise_deflate(rows)
         if rows.shape[1] % INT4_GROUP:
             raise ConfigurationError(
                 f"int4 compression needs a hidden size that is a multiple of {INT4_GROUP}, got {rows.shape[1]}"
@@ -101,6 +113,7 @@ CODECS: Final[dict[str, HiddenCodec]] = {
     "fp16": _Codec("fp16", DType.FLOAT16),
     "bf16": _Codec("bf16", DType.BFLOAT16),
     "int8": _Codec("int8", DType.INT8_ROWWISE),
+    "int8-deflate": _Codec("int8-deflate", DType.INT8_ROWWISE_DEFLATE),
     "int4": _Codec("int4", DType.INT4_GROUPED),
 }
 
@@ -108,7 +121,7 @@ _ALIASES: Final[dict[str, str]] = {"none": "fp32", "float32": "fp32", "float16":
 
 
 def get_codec(name: str | HiddenCodec) -> HiddenCodec:
-    """The codec called `name` (``"fp32"``, ``"fp16"``, ``"bf16"``, ``"int8"``, ``"int4"``).
+    """The codec called `name` (``"fp32"``, ``"fp16"``, ``"bf16"``, ``"int8"``, ``"int8-deflate"``, ``"int4"``).
 
     A codec object is returned as is, so callers may inject their own.
 

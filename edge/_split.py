@@ -63,7 +63,9 @@ class SplitOptions:
             once per client and pick k with the cost model of `choose_partition` (with a
             trained exit head, its layer).
         compression: how hidden rows travel: ``"fp32"`` (exact), ``"fp16"``, ``"bf16"``,
-            ``"int8"`` (per-row absmax, ~1/4 of fp32) or ``"int4"`` (groups of 32, ~0.14).
+            ``"int8"`` (per-row absmax, ~1/4 of fp32), ``"int8-deflate"`` (the same values,
+            losslessly DEFLATE-compressed: smaller still, size depends on the data) or
+            ``"int4"`` (groups of 32, ~0.14).
         exit_threshold: early exit: the device answers a position itself when the exit's
             top probability is at least this (in (0, 1]); None disables early exit.
         exit_head: the early exit: None for the model's own final norm + LM head at layer

@@ -38,7 +38,7 @@ from tether.protocol._limits import Limits
 from tether.protocol._messages import CATALOGUE, Message
 from tether.protocol._metadata import decode_metadata, encode_metadata
 from tether.protocol._schema import check_decoded_tensor
-from tether.protocol._tensors import DType, Tensor, decode_tensor, wire_nbytes
+from tether.protocol._tensors import DType, Tensor, decode_tensor, wire_nbytes_range
 
 __all__ = ["FLAG_END", "FORMAT_VERSION", "HEADER", "Frame", "decode_frame", "encode_frame", "encoded_size"]
 
@@ -204,10 +204,11 @@ def decode_frame(buffer: bytes | bytearray | memoryview | np.ndarray, limits: Li
             raise TensorTooLarge(elements, limits.max_tensor_elements, index)
         if dtype is DType.INT8_ROWWISE and ndim == 0:
             raise BadTensor(f"tensor {index}: INT8_ROWWISE needs at least one axis")
-        expected = wire_nbytes(dtype, shape)
-        if nbytes != expected:
+        low, high = wire_nbytes_range(dtype, shape)  # equal but for a DEFLATE-compressed dtype
+        if not low <= nbytes <= high:
+            needs = f"{low}" if low == high else f"{low} to {high}"
             raise BadTensor(
-                f"tensor {index}: shape {shape} of {dtype.name} needs {expected} bytes, frame declares {nbytes}"
+                f"tensor {index}: shape {shape} of {dtype.name} needs {needs} bytes, frame declares {nbytes}"
             )
         parsed.append((slot, dtype, shape, nbytes))
     meta_start = pos
@@ -225,7 +226,7 @@ def decode_frame(buffer: bytes | bytearray | memoryview | np.ndarray, limits: Li
     pos = data_start
     for slot, dtype, shape, nbytes in parsed:
         info = slots[slot]
-        tensor = decode_tensor(buffer, pos, dtype, shape)
+        tensor = decode_tensor(buffer, pos, dtype, shape, nbytes)
         tensors[info.name] = check_decoded_tensor(info, tensor, f"{cls.__name__}.{info.name}")
         end = pos + nbytes
         pos = end + _pad8(nbytes)

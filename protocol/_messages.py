@@ -60,10 +60,11 @@ __all__ = [
 
 _INT = (DType.INT32, DType.INT64)
 _F32 = (DType.FLOAT32,)
-_HIDDEN = (DType.FLOAT32, DType.FLOAT16, DType.BFLOAT16, DType.INT8_ROWWISE, DType.INT4_GROUPED)
+_HIDDEN = (DType.FLOAT32, DType.FLOAT16, DType.BFLOAT16, DType.INT8_ROWWISE, DType.INT8_ROWWISE_DEFLATE,
+           DType.INT4_GROUPED)
 FINISH_REASONS = ("stop", "length", "cancelled")
 COMPRESSIONS = {"none": DType.FLOAT32, "fp16": DType.FLOAT16, "bf16": DType.BFLOAT16, "int8": DType.INT8_ROWWISE,
-                "int4": DType.INT4_GROUPED}
+                "int8-deflate": DType.INT8_ROWWISE_DEFLATE, "int4": DType.INT4_GROUPED}
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 MAX_SESSION_ID = 128
 MAX_TOP_K = 1024
@@ -515,7 +516,7 @@ class ContinueHidden(Message):
     """Split computing: hidden states after the edge ran layers [0, layer) for n new tokens.
 
     hidden: (n, hidden_size); its dtype must match `compression` ("none" float32, "fp16",
-    "bf16", "int8" = INT8_ROWWISE, "int4" = INT4_GROUPED). `tokens` (n,) names the tokens
+    "bf16", "int8" = INT8_ROWWISE, "int8-deflate" = INT8_ROWWISE_DEFLATE, "int4" = INT4_GROUPED). `tokens` (n,) names the tokens
     they belong to (split-mode clients leave it out: the point is not to send token ids).
     """
 

@@ -8,7 +8,8 @@ never pickled or parsed: it is a buffer with a dtype and a shape, decoded with
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
@@ -32,6 +33,10 @@ class DType(IntEnum):
     # value = (nibble - 8) * scale, nibble in [1, 15]; two values per byte, low nibble first.
     # The last axis must be a multiple of INT4_GROUP (checked before anything is allocated).
     INT4_GROUPED = 7
+    # INT8_ROWWISE's values and scales, the int8 values then squeezed by a raw DEFLATE stream
+    # (RFC 1951; lossless). Its byte count varies with the data: the frame declares it, within
+    # `wire_nbytes_range`, and decoding inflates into exactly the declared shape or refuses.
+    INT8_ROWWISE_DEFLATE = 8
 
 
 # Storage dtype of each wire dtype's values (always little-endian on the wire).
@@ -43,7 +48,9 @@ STORAGE: dict[DType, np.dtype[Any]] = {
     DType.INT32: np.dtype("<i4"),
     DType.INT64: np.dtype("<i8"),
     DType.INT4_GROUPED: np.dtype("u1"),  # packed nibbles: the stored last axis is half the logical one
+    DType.INT8_ROWWISE_DEFLATE: np.dtype("i1"),  # the inflated values; the wire holds their DEFLATE stream
 }
+_ROWWISE = (DType.INT8_ROWWISE, DType.INT8_ROWWISE_DEFLATE)
 _FROM_NUMPY = {
     np.dtype(np.float32): DType.FLOAT32,
     np.dtype(np.float16): DType.FLOAT16,
@@ -53,6 +60,12 @@ _FROM_NUMPY = {
 SCALE_DTYPE = np.dtype("<f4")
 INT4_GROUP = 32  # values per float16 scale in INT4_GROUPED (the GGUF Q4_0 block size)
 INT4_SCALE_DTYPE = np.dtype("<f2")
+DEFLATE_LEVEL = 9  # rows are small (one token's hidden state): the slowest level costs ~0.1 ms
+
+
+def deflate_bound(n: int) -> int:
+    """Most bytes a DEFLATE stream of `n` input bytes can take (zlib's compressBound)."""
+    return n + (n >> 12) + (n >> 14) + (n >> 25) + 13
 
 
 def check_int4_shape(shape: tuple[int, ...]) -> None:
@@ -69,12 +82,35 @@ def check_int4_shape(shape: tuple[int, ...]) -> None:
         )
 
 
+def wire_nbytes_range(dtype: DType, shape: tuple[int, ...]) -> tuple[int, int]:
+    """Fewest and most bytes a tensor of `dtype` and `shape` may declare on the wire.
+
+    Equal for every dtype but INT8_ROWWISE_DEFLATE, whose values are a DEFLATE stream: at
+    least 2 bytes, at most zlib's bound for the int8 values, after the float32 scales.
+
+    Raises:
+        BadTensor: as `wire_nbytes`; a row-wise dtype with no axis.
+    """
+    if dtype is DType.INT8_ROWWISE_DEFLATE:
+        if not shape:
+            raise BadTensor("an INT8_ROWWISE_DEFLATE tensor needs at least one axis")
+        scales = rows_of(shape) * SCALE_DTYPE.itemsize
+        return scales + 2, scales + deflate_bound(math.prod(shape))
+    exact = wire_nbytes(dtype, shape)
+    return exact, exact
+
+
 def wire_nbytes(dtype: DType, shape: tuple[int, ...]) -> int:
     """Bytes a tensor of `dtype` and `shape` occupies on the wire (scales included).
+
+    For INT8_ROWWISE_DEFLATE, whose size depends on the data, this is the most it can take
+    (`wire_nbytes_range`); `Tensor.nbytes` is the size of one tensor.
 
     Raises:
         BadTensor: an INT4_GROUPED shape with no axis or a last axis not a multiple of 32.
     """
+    if dtype is DType.INT8_ROWWISE_DEFLATE:
+        return wire_nbytes_range(dtype, shape)[1]
     elements = math.prod(shape)
     if dtype is DType.INT4_GROUPED:
         check_int4_shape(shape)
@@ -112,16 +148,19 @@ class Tensor:
     """An array in one of the wire dtypes.
 
     Build with `Tensor.from_numpy(a)` (float32, float16, int32, int64), `Tensor.bfloat16(a)`,
-    `Tensor.int8_rowwise(a)` or `Tensor.int4_grouped(a)`; read with `.numpy()` (float32 for
-    bfloat16, int8 and int4).
+    `Tensor.int8_rowwise(a)`, `Tensor.int8_rowwise_deflate(a)` or `Tensor.int4_grouped(a)`;
+    read with `.numpy()` (float32 for bfloat16, int8 and int4).
 
     Attributes:
         dtype: the wire dtype.
         data: the stored values, shape = the tensor's shape: float32/float16/int32/int64
-            arrays as they are, uint16 bit patterns for BFLOAT16, int8 for INT8_ROWWISE;
-            for INT4_GROUPED, uint8 of shape `shape[:-1] + (shape[-1] // 2,)` (packed nibbles).
-        scales: INT8_ROWWISE: float32 of shape `shape[:-1]`, value = data * scale.
+            arrays as they are, uint16 bit patterns for BFLOAT16, int8 for INT8_ROWWISE and
+            INT8_ROWWISE_DEFLATE (inflated); for INT4_GROUPED, uint8 of shape
+            `shape[:-1] + (shape[-1] // 2,)` (packed nibbles).
+        scales: INT8_ROWWISE(_DEFLATE): float32 of shape `shape[:-1]`, value = data * scale.
             INT4_GROUPED: float16 of shape `shape[:-1] + (shape[-1] // 32,)`, one per group.
+        packed: INT8_ROWWISE_DEFLATE only: the raw DEFLATE stream of `data` (made from `data`
+            when not given).
 
     Decoded tensors are views into the received frame (zero copy); copy before keeping
     them past the message's lifetime if the frame buffer must be released early.
@@ -130,6 +169,7 @@ class Tensor:
     dtype: DType
     data: np.ndarray
     scales: np.ndarray | None = None
+    packed: bytes | memoryview | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         dtype = DType(self.dtype)
@@ -139,16 +179,24 @@ class Tensor:
         storage = STORAGE[dtype]
         if self.data.dtype.newbyteorder("<") != storage and self.data.dtype != storage:
             raise InvalidMessage(f"Tensor.data for {dtype.name} must be {storage}, got {self.data.dtype}")
-        if dtype is DType.INT8_ROWWISE:
+        if self.packed is not None and dtype is not DType.INT8_ROWWISE_DEFLATE:
+            raise InvalidMessage(f"only INT8_ROWWISE_DEFLATE tensors have a packed stream, not {dtype.name}")
+        if dtype in _ROWWISE:
             if self.data.ndim < 1:
-                raise InvalidMessage("an INT8_ROWWISE tensor needs at least one axis")
+                raise InvalidMessage(f"an {dtype.name} tensor needs at least one axis")
             if self.scales is None or not isinstance(self.scales, np.ndarray):
-                raise InvalidMessage("an INT8_ROWWISE tensor needs float32 scales")
+                raise InvalidMessage(f"an {dtype.name} tensor needs float32 scales")
             if self.scales.dtype != np.float32 or self.scales.shape != self.data.shape[:-1]:
                 raise InvalidMessage(
-                    f"INT8_ROWWISE scales must be float32 of shape {self.data.shape[:-1]}, "
+                    f"{dtype.name} scales must be float32 of shape {self.data.shape[:-1]}, "
                     f"got {self.scales.dtype} {self.scales.shape}"
                 )
+            if dtype is DType.INT8_ROWWISE_DEFLATE and self.packed is None:
+                values = np.ascontiguousarray(self.data, dtype=STORAGE[dtype])
+                # Raw stream (the frame carries the size); Huffman only: quantized activations
+                # have no repeated strings for LZ77 to find, and its match codes cost bits.
+                packer = zlib.compressobj(DEFLATE_LEVEL, zlib.DEFLATED, -15, 9, zlib.Z_HUFFMAN_ONLY)
+                object.__setattr__(self, "packed", packer.compress(values.data) + packer.flush())
         elif dtype is DType.INT4_GROUPED:
             if self.data.ndim < 1 or (2 * self.data.shape[-1]) % INT4_GROUP:
                 raise InvalidMessage(
@@ -159,7 +207,9 @@ class Tensor:
             if not isinstance(self.scales, np.ndarray) or self.scales.dtype != np.float16 or self.scales.shape != groups:
                 raise InvalidMessage(f"INT4_GROUPED scales must be float16 of shape {groups}")
         elif self.scales is not None:
-            raise InvalidMessage(f"only INT8_ROWWISE and INT4_GROUPED tensors have scales, not {dtype.name}")
+            raise InvalidMessage(
+                f"only INT8_ROWWISE, INT8_ROWWISE_DEFLATE and INT4_GROUPED tensors have scales, not {dtype.name}"
+            )
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -170,6 +220,9 @@ class Tensor:
 
     @property
     def nbytes(self) -> int:
+        """Bytes this tensor takes on the wire (scales included)."""
+        if self.packed is not None:
+            return rows_of(self.shape) * SCALE_DTYPE.itemsize + len(self.packed)
         return wire_nbytes(self.dtype, self.shape)
 
     @classmethod
@@ -202,6 +255,12 @@ class Tensor:
         return cls(DType.INT8_ROWWISE, quantized, np.asarray(scales, dtype=np.float32).reshape(values.shape[:-1]))
 
     @classmethod
+    def int8_rowwise_deflate(cls, array: np.ndarray) -> Tensor:
+        """`int8_rowwise`, then its int8 values squeezed by DEFLATE (lossless: same values)."""
+        rowwise = cls.int8_rowwise(array)
+        return cls(DType.INT8_ROWWISE_DEFLATE, rowwise.data, rowwise.scales)
+
+    @classmethod
     def int4_grouped(cls, array: np.ndarray) -> Tensor:
         """Symmetric int4 per group of 32 along the last axis: scale = max|group| / 7 (float16).
 
@@ -228,7 +287,7 @@ class Tensor:
         """The values as numpy: native arrays as they are; BFLOAT16, INT8_ROWWISE, INT4_GROUPED as float32."""
         if self.dtype is DType.BFLOAT16:
             return bfloat16_to_float32(self.data)
-        if self.dtype is DType.INT8_ROWWISE:
+        if self.dtype in _ROWWISE:
             assert self.scales is not None
             dequantized: np.ndarray = self.data.astype(np.float32) * self.scales[..., None]
             return dequantized
@@ -251,11 +310,11 @@ class Tensor:
         return torch.from_numpy(np.array(self.numpy(), copy=True))
 
     def buffers(self) -> list[memoryview]:
-        """The wire byte buffers in order (scales first for INT8_ROWWISE and INT4_GROUPED), contiguous, little-endian."""
+        """The wire byte buffers in order (scales first when there are any), contiguous, little-endian."""
         out = []
         if self.scales is not None:
             out.append(_le_bytes(self.scales, INT4_SCALE_DTYPE if self.dtype is DType.INT4_GROUPED else SCALE_DTYPE))
-        out.append(_le_bytes(self.data, STORAGE[self.dtype]))
+        out.append(memoryview(self.packed) if self.packed is not None else _le_bytes(self.data, STORAGE[self.dtype]))
         return out
 
     def __eq__(self, other: object) -> bool:
@@ -281,11 +340,25 @@ def _le_bytes(array: np.ndarray, storage: np.dtype[Any]) -> memoryview:
 
 
 def decode_tensor(
-    buffer: Any, offset: int, dtype: DType, shape: tuple[int, ...]
+    buffer: Any, offset: int, dtype: DType, shape: tuple[int, ...], nbytes: int | None = None
 ) -> Tensor:
-    """A zero-copy Tensor over `buffer[offset:]`; the caller has checked every size already."""
+    """A zero-copy Tensor over `buffer[offset:]`; the caller has checked every size already
+    (`nbytes`, within `wire_nbytes_range`, is needed for INT8_ROWWISE_DEFLATE only).
+
+    Raises:
+        BadTensor: an INT8_ROWWISE_DEFLATE stream that is corrupt, ends early, has bytes after
+            its end, or inflates to anything but exactly `shape`'s element count.
+    """
     elements = math.prod(shape)
     scales = None
+    if dtype is DType.INT8_ROWWISE_DEFLATE:
+        if nbytes is None:
+            raise BadTensor("an INT8_ROWWISE_DEFLATE tensor needs its declared byte count")
+        rows = rows_of(shape)
+        scales = np.frombuffer(buffer, dtype=SCALE_DTYPE, count=rows, offset=offset).reshape(shape[:-1])
+        start = offset + rows * SCALE_DTYPE.itemsize
+        stream = memoryview(buffer)[start : offset + nbytes]
+        return Tensor(dtype, _inflate(stream, elements).reshape(shape), scales, stream)
     if dtype is DType.INT4_GROUPED:
         groups = shape[:-1] + (shape[-1] // INT4_GROUP,)
         group_scales = np.frombuffer(buffer, dtype=INT4_SCALE_DTYPE, count=elements // INT4_GROUP, offset=offset)
@@ -298,3 +371,22 @@ def decode_tensor(
         offset += rows * SCALE_DTYPE.itemsize
     data = np.frombuffer(buffer, dtype=STORAGE[dtype], count=elements, offset=offset).reshape(shape)
     return Tensor(dtype, data, scales)
+
+
+def _inflate(packed: memoryview, elements: int) -> np.ndarray:
+    """Inflate a raw DEFLATE stream into exactly `elements` int8 values, allocating no more.
+
+    `max_length` stops zlib at the declared size however far the stream would expand (a
+    "zip bomb" costs the decoder at most `elements` bytes, already checked against the limits).
+    """
+    inflater = zlib.decompressobj(-15)
+    try:
+        raw = inflater.decompress(packed, elements or 1)  # max_length 0 would mean "no limit"
+    except zlib.error as exc:
+        raise BadTensor(f"INT8_ROWWISE_DEFLATE: corrupt DEFLATE stream ({exc})") from None
+    if len(raw) != elements or not inflater.eof or inflater.unconsumed_tail or inflater.unused_data:
+        raise BadTensor(
+            f"INT8_ROWWISE_DEFLATE: the DEFLATE stream is not exactly the declared {elements} values "
+            "(it ends early, runs on, or has bytes after its end)"
+        )
+    return np.frombuffer(raw, dtype=STORAGE[DType.INT8_ROWWISE_DEFLATE])

@@ -273,5 +273,5 @@ def test_request_reply_table() -> None:
 def test_dtype_values_are_stable() -> None:
     assert {d.name: int(d) for d in DType} == {
         "FLOAT32": 1, "FLOAT16": 2, "BFLOAT16": 3, "INT8_ROWWISE": 4, "INT32": 5, "INT64": 6,
-        "INT4_GROUPED": 7,
+        "INT4_GROUPED": 7, "INT8_ROWWISE_DEFLATE": 8,
     }

@@ -27,9 +27,10 @@ def hidden_rows(n: int = 5, h: int = 256, seed: int = 0) -> torch.Tensor:
 
 
 def test_names_and_aliases() -> None:
-    assert COMPRESSIONS == ("fp32", "fp16", "bf16", "int8", "int4")
+    assert COMPRESSIONS == ("fp32", "fp16", "bf16", "int8", "int8-deflate", "int4")
     assert get_codec("none") is CODECS["fp32"] and get_codec("FP16") is CODECS["fp16"]
-    with pytest.raises(ConfigurationError, match="unknown compression 'q2'; choose one of fp32, fp16, bf16, int8, int4"):
+    with pytest.raises(ConfigurationError,
+                       match="unknown compression 'q2'; choose one of fp32, fp16, bf16, int8, int8-deflate, int4"):
         get_codec("q2")
 
 
@@ -138,5 +139,5 @@ def test_decoder_checks_int4_byte_count() -> None:
 def test_tensor_validation() -> None:
     with pytest.raises(InvalidMessage, match="INT4_GROUPED scales must be float16 of shape"):
         Tensor(DType.INT4_GROUPED, np.zeros((1, 16), np.uint8), np.zeros((1, 1), np.float32))
-    with pytest.raises(InvalidMessage, match="only INT8_ROWWISE and INT4_GROUPED tensors have scales"):
+    with pytest.raises(InvalidMessage, match="only INT8_ROWWISE, INT8_ROWWISE_DEFLATE and INT4_GROUPED tensors have"):
         Tensor(DType.FLOAT32, np.zeros((1, 2), np.float32), np.zeros((1,), np.float32))

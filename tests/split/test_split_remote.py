@@ -39,18 +39,19 @@ async def test_every_compression_over_the_wire(server, edge_model, split_model) 
                                       split_model=split_model)
     async with client:
         cloud = await client.generate("over the wire", mode="cloud", max_new_tokens=12)
-        sizes = {}
-        for name in ("fp32", "fp16", "bf16", "int8", "int4"):
+        sizes, tokens = {}, {}
+        for name in ("fp32", "fp16", "bf16", "int8", "int8-deflate", "int4"):
             r = await client.generate("over the wire", mode="split", max_new_tokens=12,
                                       split=SplitOptions(split_layer=3, compression=name))
             s = r.stats
             assert isinstance(s, SplitStats) and not s.degraded and set(r.origins) == {Origin.CLOUD_GENERATED}
             if name == "fp32":
                 assert r.token_ids == cloud.token_ids  # exact over the encrypted transport too
-            sizes[name] = s.bytes_up
+            sizes[name], tokens[name] = s.bytes_up, r.token_ids
         # what the transport counted shrinks with the codec (fp32 > fp16 = bf16 > int8 > int4)
         assert sizes["fp32"] > sizes["fp16"] > sizes["int8"] > sizes["int4"]
         assert abs(sizes["fp16"] - sizes["bf16"]) < 64
+        assert tokens["int8-deflate"] == tokens["int8"]  # the DEFLATE stage is lossless
 
 
 async def test_auto_over_the_wire_and_early_exit(server, edge_model, split_model) -> None:  # type: ignore[no-untyped-def]
