@@ -190,12 +190,14 @@ async def _session(i: int, round_no: int, ctx: dict[str, Any], record: Any) -> N
                 continue
             wall = time.perf_counter() - t0
             problem = None
-            if r.stats.degraded:
-                problem = "degraded (the cloud link failed)"
+            complete = r.finish_reason in ("length", "stop") and (
+                r.finish_reason == "stop" or len(r.token_ids) == args.tokens)
+            if not complete:
+                problem = f"incomplete: finish_reason={r.finish_reason}, {len(r.token_ids)} tokens"
+            elif r.stats.degraded:
+                problem = "degraded (the cloud link failed; the answer is complete, finished on the edge)"
             elif list(r.token_ids) != ctx["refs"][p]:
                 problem = "output differs from cloud-only greedy"
-            elif r.finish_reason not in ("length", "stop"):
-                problem = f"incomplete: finish_reason={r.finish_reason}"
             record(mode, wall, error=problem, tokens=len(r.token_ids))
 
 
