@@ -123,6 +123,28 @@ class ServeProcess:
         return int(await self.proc.wait())
 
 
+def histogram_quantiles(text: str, name: str, label: str, qs: tuple[float, ...] = (0.5, 0.99)) -> dict[str, Any]:
+    """Per-label count and quantiles of a Prometheus histogram in exposition `text`, each
+    quantile the upper bound of the bucket it falls in (what the histogram can say)."""
+    buckets: dict[str, list[tuple[float, float]]] = {}
+    for m in re.finditer(rf'^{name}_bucket{{(.*?)}} (\S+)$', text, re.M):
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+        le = float("inf") if labels["le"] == "+Inf" else float(labels["le"])
+        buckets.setdefault(labels[label], []).append((le, float(m.group(2))))
+    out: dict[str, Any] = {}
+    for key, rows in sorted(buckets.items()):
+        rows.sort()
+        total = rows[-1][1]
+        if not total:
+            continue
+        entry: dict[str, Any] = {"count": int(total)}
+        for q in qs:
+            bound = next(le for le, c in rows if c >= q * total)
+            entry[f"p{round(q * 100)}_ms_at_most"] = None if bound == float("inf") else round(1000 * bound, 1)
+        out[key] = entry
+    return out
+
+
 class MetricsPoller:
     """Samples the server's Prometheus gauges; keeps the peaks."""
 
@@ -130,6 +152,7 @@ class MetricsPoller:
         self.http = http
         self.peak: dict[str, float] = {"tether_kv_bytes": 0.0, "tether_sessions_open": 0.0}
         self.last: dict[str, float] = {}
+        self.text = ""
         self._task: asyncio.Task[None] | None = None
 
     async def sample(self) -> dict[str, float]:
@@ -144,6 +167,7 @@ class MetricsPoller:
                 values[name] = float(m.group(1))
                 self.peak[name] = max(self.peak[name], values[name])
         self.last = values
+        self.text = text
         return values
 
     async def _run(self) -> None:
@@ -246,13 +270,14 @@ async def _load(ctx: dict[str, Any], server: ServeProcess, poller: MetricsPoller
         rounds.append({"round": round_no, "seconds": round(wall, 2), "server_rss_mb": round(server.rss_mb(), 1),
                        "sessions_open_after": poller.last.get("tether_sessions_open"),
                        "kv_bytes_after": poller.last.get("tether_kv_bytes")})
+    ops = histogram_quantiles(poller.text, "tether_request_seconds", "op")
     per_mode = {
         mode: {"generations": len(v), "tokens": tokens[mode],
                "p50_ms": round(1000 * _percentile(v, 50), 1), "p99_ms": round(1000 * _percentile(v, 99), 1),
                "mean_ms": round(1000 * statistics.fmean(v), 1) if v else None}
         for mode, v in latencies.items()
     }
-    return {"rounds": rounds, "per_mode": per_mode, "errors": errors, "generations": total}
+    return {"rounds": rounds, "per_mode": per_mode, "server_per_op": ops, "errors": errors, "generations": total}
 
 
 # -- hostile -----------------------------------------------------------------------------------
@@ -405,6 +430,12 @@ def _markdown(result: dict[str, Any], command: str) -> str:
     ]
     for mode, m in load["per_mode"].items():
         lines.append(f"| {mode} | {m['generations']} | {m['p50_ms']} | {m['p99_ms']} |")
+    if load.get("server_per_op"):
+        lines += ["", "Server-side latency per request type (the `tether_request_seconds` histogram; each quantile "
+                      "is the upper bound of its bucket):", "",
+                  "| request | count | p50 (ms, at most) | p99 (ms, at most) |", "|---|---:|---:|---:|"]
+        for op, m in load["server_per_op"].items():
+            lines.append(f"| {op} | {m['count']} | {m['p50_ms_at_most']} | {m['p99_ms_at_most']} |")
     lines += [
         "",
         "| round | seconds | server RSS after (MiB) | sessions open after |",
