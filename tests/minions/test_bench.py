@@ -60,3 +60,15 @@ def test_targets_without_the_cloud_only_baseline() -> None:
     assert targets["minions"]["met"] is None  # 10x vs the whole-document prompt, accuracy unknown
     assert "cloud-only accuracy not measured" in targets["minions"]["measured"]
     assert targets["minion"]["met"] is True  # 25x
+
+
+def test_a_partial_run_is_compared_on_its_own_questions() -> None:
+    rows = {
+        "cloud-only": [row("cloud-only", "a", True, 20_000), row("cloud-only", "b", False, 30_000)],
+        "minions": [row("minions", "b", False, 2_000)],
+    }
+    m = bench.summarise(rows)["methods"]["minions"]
+    assert m["shared_with_cloud_only"] == 1 and m["cloud_token_reduction_vs_cloud_only"] == 15.0
+    assert "accuracy_vs_cloud_only" not in m  # cloud-only got question b wrong too: no ratio
+    target = bench.summarise(rows)["targets"][0]
+    assert target["met"] is None and "cloud-only answered none of them right" in target["measured"]
