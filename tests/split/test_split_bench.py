@@ -57,7 +57,8 @@ def test_every_stage_and_the_report(bench: Any, tmp_path: Path) -> None:
     assert bench.stage_agreement(budget)
     agree = json.loads((tmp_path / "cache" / "agreement.json").read_text())
     entry = agree["0"]["k"]["2"]
-    assert set(entry["compression"]) == {"fp32", "fp16", "bf16", "int8", "int4"}
+    assert set(entry["compression"]) == {"fp32", "fp16", "bf16", "int8", "int8-deflate", "int4"}
+    assert entry["compression"]["int8-deflate"] == entry["compression"]["int8"]
     # fp32 teacher-forced split tokens equal the reference greedy tokens
     assert entry["compression"]["fp32"] == agree["0"]["targets"]
     assert "trained" in agree["0"]["k"]["4"]["exit"] and "trained" not in entry["exit"]
