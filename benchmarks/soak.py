@@ -38,9 +38,6 @@ from typing import Any
 
 import typer
 
-from tether.bench_cli import environment, repo_root, update_docs_section, write_results
-
-ROOT = repo_root()
 TINY = "tiny-qwen2-realvocab"
 
 
@@ -320,6 +317,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from tether.bench_cli import environment
     from tether.benchmarks.prompts import CHAT_PROMPTS
     from tether.edge import EdgeModel, SplitModel
     from tether.models import DEFAULT_CLOUD_MODEL, DEFAULT_EDGE_MODEL, load_tokenizer
@@ -466,6 +464,9 @@ def _markdown(result: dict[str, Any], command: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    # Imported here: tether.bench_cli imports this module to register the command.
+    from tether.bench_cli import repo_root, update_docs_section, write_results
+
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--sessions", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
@@ -479,7 +480,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=1, help="torch threads, each process")
     parser.add_argument("--seed", type=int, default=20261128)
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    parser.add_argument("--docs", type=Path, default=repo_root() / "docs" / "benchmarks.md")
     parser.add_argument("--no-docs", action="store_true")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)

@@ -25,7 +25,7 @@ from tether.protocol._frames import encode_frame
 
 PROMPT = "a reliable answer, please"
 N = 40
-FAST_RETRY = ResilienceOptions(backoff_initial=0.02, backoff_max=0.1, request_timeout=2.0, connect_timeout=5.0)
+FAST_RETRY = ResilienceOptions(backoff_initial=0.02, backoff_max=0.1, request_timeout=10.0, connect_timeout=5.0)
 
 
 async def generate(client: EdgeClient, *, mode: str = "speculative", n: int = N,
@@ -86,7 +86,7 @@ async def test_short_stall_is_waited_out(cloud_server, server_keys, edge) -> Non
 
     async def stall_once(tok: Any) -> None:
         if tok.index == 5:
-            proxy.stall(0.5)  # shorter than the request timeout
+            proxy.stall(0.5)  # much shorter than the request timeout
 
     try:
         async with await EdgeClient.connect(proxy.url, server_key=server_keys.public.to_text(), edge_model=edge,

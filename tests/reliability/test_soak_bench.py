@@ -1,0 +1,32 @@
+"""The soak benchmark's own arithmetic: latency quantiles from the server's histogram, and its report."""
+
+from __future__ import annotations
+
+from tether.benchmarks.soak import _percentile, histogram_quantiles
+
+EXPOSITION = """\
+# TYPE tether_request_seconds histogram
+tether_request_seconds_bucket{le="0.01",op="verify"} 50.0
+tether_request_seconds_bucket{le="0.1",op="verify"} 98.0
+tether_request_seconds_bucket{le="1.0",op="verify"} 100.0
+tether_request_seconds_bucket{le="+Inf",op="verify"} 100.0
+tether_request_seconds_count{op="verify"} 100.0
+tether_request_seconds_bucket{le="0.01",op="append"} 0.0
+tether_request_seconds_bucket{le="0.1",op="append"} 0.0
+tether_request_seconds_bucket{le="1.0",op="append"} 1.0
+tether_request_seconds_bucket{le="+Inf",op="append"} 2.0
+tether_request_seconds_bucket{le="+Inf",op="close"} 0.0
+"""
+
+
+def test_histogram_quantiles_are_bucket_upper_bounds() -> None:
+    ops = histogram_quantiles(EXPOSITION, "tether_request_seconds", "op")
+    assert ops["verify"] == {"count": 100, "p50_ms_at_most": 10.0, "p99_ms_at_most": 1000.0}
+    assert ops["append"] == {"count": 2, "p50_ms_at_most": 1000.0, "p99_ms_at_most": None}  # past the last bound
+    assert "close" not in ops  # no observations
+
+
+def test_percentile_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert _percentile(values, 50) == 51.0 and _percentile(values, 99) == 99.0 and _percentile(values, 100) == 100.0
+    assert _percentile([], 50) != _percentile([], 50)  # NaN for no data
