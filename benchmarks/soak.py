@@ -29,6 +29,7 @@ import contextlib
 import copy
 import os
 import re
+import shutil
 import statistics
 import sys
 import tempfile
@@ -376,6 +377,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         await poller.stop()
         exit_code = await server.stop()
+        shutil.rmtree(work, ignore_errors=True)  # the tiny model, keys and config
     rss = [r["server_rss_mb"] for r in load["rounds"]]
     budget = args.kv_budget_mb * 1024 * 1024
     targets = {
