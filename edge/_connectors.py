@@ -78,7 +78,8 @@ class LoopbackCloud(InProcessCloud):
     """The cloud service started in this process, reached through the real protocol on loopback.
 
     `EdgeClient.local()` uses it: a `CloudServer` with an ephemeral key pair listens on
-    127.0.0.1 (an ephemeral port) and the edge connects to it exactly as to a remote
+    127.0.0.1 (an ephemeral port), admits only this connector's own ephemeral client key,
+    and the edge connects to it exactly as to a remote
     `tether serve` — Noise handshake, encrypted frames, the same session messages — so the
     embedded default exercises the deployed path, and the stats count real bytes.
 
@@ -118,11 +119,12 @@ class LoopbackCloud(InProcessCloud):
         from tether.protocol import KeyPair
 
         runtime, tokenizer, name = await asyncio.to_thread(load)
+        client_keys = KeyPair.generate()
         thread = _LoopThread()
         try:
-            manager, server = await thread.run(_serve(runtime, tokenizer, name, threads))
+            manager, server = await thread.run(_serve(runtime, tokenizer, name, threads, client_keys.public))
             options: dict[str, Any] = {} if link is None else {"link": link}
-            remote = await RemoteCloud.connect(server.url, KeyPair.generate(), server_public_key=server.keys.public,
+            remote = await RemoteCloud.connect(server.url, client_keys, server_public_key=server.keys.public,
                                                **options)
         except BaseException:
             await thread.stop(None)
@@ -148,16 +150,17 @@ class LoopbackCloud(InProcessCloud):
 _CLOSE_TIMEOUT_S = 10.0
 
 
-async def _serve(runtime: Any, tokenizer: Any, name: str, threads: int | None) -> tuple[Any, Any]:
-    """On the server's loop: a session manager and a `CloudServer` on 127.0.0.1, started."""
+async def _serve(runtime: Any, tokenizer: Any, name: str, threads: int | None, client: Any) -> tuple[Any, Any]:
+    """On the server's loop: a session manager and a `CloudServer` on 127.0.0.1, started,
+    admitting only the `client` public key (other local processes cannot use it)."""
     from tether.cloud._config import CloudConfig
     from tether.cloud._manager import SessionManager
     from tether.cloud._server import CloudServer
-    from tether.protocol import KeyPair
+    from tether.protocol import Allowlist, KeyPair
 
     # No batching window: one edge, one session; waiting for company only adds latency.
     manager = SessionManager(runtime, tokenizer=tokenizer, model_name=name, config=CloudConfig(batch_window_s=0.0))
-    server = CloudServer(manager, keys=KeyPair.generate(), host="127.0.0.1", port=0)
+    server = CloudServer(manager, keys=KeyPair.generate(), host="127.0.0.1", port=0, allowlist=Allowlist([client]))
     await server.start()
     if threads is not None:
         import torch

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from tether.edge import Client, EdgeClient, LazyCloud, LoopbackCloud, Origin
+from tether.errors import TetherError
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +69,12 @@ async def test_cost_fields_only_for_clients_that_ask(pair: tuple[Path, Path]) ->
     loopback = await LoopbackCloud.start(lambda: _load_cloud(str(cloud_dir)))
     try:
         server = loopback.server
+        # Only the connector's own client key is admitted: other local processes are refused.
+        with pytest.raises(TetherError):
+            await connect(server.url, KeyPair.generate(), server_public_key=server.keys.public)
+        own_keys = loopback.remote._kwargs["client_keys"]
         for caps, expect in (((), False), (("cost",), True)):
-            conn = await connect(server.url, KeyPair.generate(), server_public_key=server.keys.public,
-                                 capabilities=caps)
+            conn = await connect(server.url, own_keys, server_public_key=server.keys.public, capabilities=caps)
             try:
                 opened = await conn.request(OpenSession(model=server.manager.model_name))
                 await conn.request(AppendTokens(session_id=opened.session_id, tokens=np.arange(5, 9)))
