@@ -331,6 +331,73 @@ def stage_speed(budget: Budget) -> bool:
     return asyncio.run(_speed_async(budget))
 
 
+# -- int8-deflate on cached hidden states ------------------------------------------------------
+
+ROWBYTES_SECTION = "split-rowbytes"
+
+
+def stage_rowbytes() -> dict[str, Any]:
+    """int8 vs int8-deflate bytes per row on the real model's layer-k hidden states that exit-head
+    training cached (``~/.cache/tether/exit_data``: the self-distilled chat answers, HumanEval
+    and stdlib code; stored as float16). No model is loaded: this runs anywhere the cache is.
+
+    Writes ``benchmarks/results/split_rowbytes.json`` and the ``split-rowbytes`` docs section.
+    """
+    import numpy as np
+    from safetensors import safe_open
+
+    from tether.bench_cli import environment, update_docs_section, write_results
+    from tether.paths import cache_dir
+    from tether.protocol import Tensor
+
+    newest: dict[int, Path] = {}  # layer -> the newest collection holding it (older ones overlap)
+    for d in sorted((cache_dir() / "exit_data").glob("*/"), key=lambda q: q.stat().st_mtime):
+        for f in d.glob("part*-layer*.safetensors"):
+            with safe_open(str(f), framework="np") as g:
+                meta = json.loads((g.metadata() or {}).get("meta", "{}"))
+            if meta.get("model") == _model_name():
+                newest[int(meta["layer"])] = d
+    layers: dict[str, Any] = {}
+    for k, d in sorted(newest.items()):
+        sizes, plain, counts, hidden = [], 0, np.zeros(256, np.int64), 0
+        for f in sorted(d.glob(f"part*-layer{k}.safetensors")):
+            with safe_open(str(f), framework="np") as g:
+                rows = g.get_tensor("hidden").astype(np.float32)  # [n, H]
+            hidden = rows.shape[1]
+            for r in range(rows.shape[0]):  # one row per message, as decode sends them
+                t = Tensor.int8_rowwise_deflate(rows[r:r + 1])
+                sizes.append(t.nbytes)
+                counts += np.bincount(t.data.view(np.uint8).ravel(), minlength=256)
+            plain = Tensor.int8_rowwise(rows[:1]).nbytes
+        p = counts[counts > 0] / counts.sum()
+        arr = np.array(sizes)
+        layers[str(k)] = {"rows": len(sizes), "collection": d.name, "int8": plain, "fp32": 4 * hidden,
+                          "mean": float(arr.mean()), "p50": float(np.median(arr)), "p99": float(np.percentile(arr, 99)),
+                          "max": int(arr.max()), "entropy_bits": float(-(p * np.log2(p)).sum())}
+        print(f"layer {k}: {len(sizes)} rows, int8-deflate mean {arr.mean():.0f} B "
+              f"({arr.mean() / (4 * hidden):.4f} of fp32), max {arr.max()}", flush=True)
+    data = {"model": _model_name(), "layers": layers, "environment": environment(),
+            "source": "hidden states cached by exit-head training (float16), one row per message"}
+    write_results("split_rowbytes", data, root=ROOT)
+    lines = ["## Split computing: int8-deflate on cached hidden states (`tether bench split --stage rowbytes`)", "",
+             f"{_model_name()}'s layer-k hidden states that `tether split train-exit` cached (its own chat answers, "
+             "HumanEval and stdlib code; stored as float16, so a hair coarser than the live float32 rows), each row "
+             "encoded alone as decode sends it. No model runs; raw numbers: `benchmarks/results/split_rowbytes.json`.",
+             "", "| k | rows | int8 bytes | int8-deflate mean | median | p99 | largest | mean vs fp32 | largest vs fp32 "
+             "| entropy of the int8 values |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for k, v in layers.items():
+        lines.append(f"| {k} | {v['rows']} | {v['int8']} | {v['mean']:.0f} | {v['p50']:.0f} | {v['p99']:.0f} | "
+                     f"{v['max']} | {v['mean'] / v['fp32']:.4f} | {v['max'] / v['fp32']:.4f} | "
+                     f"{v['entropy_bits']:.2f} bits |")
+    if layers:
+        worst = max(layers.values(), key=lambda v: v["max"] / v["fp32"])
+        lines += ["", f"Target int8 <= 1/4 of fp32: int8-deflate sends int8's exact values (so int8's agreement "
+                  f"in the split table above holds unchanged) in {max(v['mean'] / v['fp32'] for v in layers.values()):.3f} "
+                  f"of fp32's bytes on average at the worst layer, and no row above {worst['max'] / worst['fp32']:.3f}."]
+    update_docs_section(ROWBYTES_SECTION, "\n".join(lines), path=ROOT / "docs" / "benchmarks.md")
+    return data
+
+
 # -- report -------------------------------------------------------------------------------------
 
 
@@ -485,6 +552,9 @@ def report() -> dict[str, Any]:
     from tether.edge._hidden_codec import get_codec
 
     ref, agree, speed = _load("reference"), _load("agreement"), _load("speed")
+    if not _positions(ref, agree):
+        raise SystemExit("no agreement results cached: run the reference and agreement stages first "
+                         "(the report would replace the published tables with empty ones)")
     shape = _load("reference").get("model", {})
     hidden, n_layers = int(shape.get("hidden_size", 1536)), int(shape.get("num_layers", 28))
     n_positions = sum(len(agree[i]["targets"]) for i in _positions(ref, agree))
@@ -690,7 +760,7 @@ STAGES = {"reference": stage_reference, "train": stage_train, "agreement": stage
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="tether bench split", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--stage", choices=[*STAGES, "report", "all"], default="all",
+    parser.add_argument("--stage", choices=[*STAGES, "report", "rowbytes", "all"], default="all",
                         help="start at this stage and go on with the later ones while the budget lasts "
                              "(every stage resumes from its cache); 'report' only rewrites the outputs")
     parser.add_argument("--only", action="store_true", help="run just the --stage named, not the later ones")
@@ -698,6 +768,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="stop a model stage after this many seconds (resumable); 'all' shares it")
     args = parser.parse_args(argv)
     budget = Budget(args.budget_s)
+    if args.stage == "rowbytes":  # no model: cached hidden states only
+        stage_rowbytes()
+        return
     order = list(STAGES)
     if args.stage in ("all", "report"):
         names = order if args.stage == "all" else []

@@ -110,3 +110,30 @@ def test_train_exit_and_show_cli(tmp_path: Path, tiny_dir: Path, monkeypatch: py
     assert shown.exit_code == 0 and "layer 3" in shown.output and "shortlist 64 tokens" in shown.output
     bad = CliRunner().invoke(app, ["split", "show", str(corpus)])
     assert bad.exit_code == 1 and "error" in bad.output
+
+
+def test_rowbytes_reads_cached_exit_data_only(bench: Any, tmp_path: Path) -> None:
+    """`--stage rowbytes` measures int8-deflate on cached layer-k states without a model."""
+    import torch
+
+    from tether.edge._exit_head import ExitData
+
+    bench._model = lambda: pytest.fail("rowbytes must not load the model")
+    part = tmp_path / "tether-cache" / "exit_data" / "abc"
+    part.mkdir(parents=True)
+    hidden = torch.randn(40, 64)
+    hidden[:, 3] *= 300.0  # the outlier channel that makes int8 values small
+    data = ExitData(hidden.half(), torch.zeros(40, 2, dtype=torch.long), torch.zeros(40, 2),
+                    torch.zeros(40, dtype=torch.long), {"layer": 4, "model": bench._model_name(), "top_k": 2})
+    data.save(part / "part0000-layer4.safetensors")
+    bench.main(["--stage", "rowbytes"])
+    out = json.loads((tmp_path / "benchmarks" / "results" / "split_rowbytes.json").read_text())
+    row = out["layers"]["4"]
+    assert row["rows"] == 40 and row["int8"] == 68 and row["fp32"] == 256 and row["mean"] < row["int8"]
+    doc = (tmp_path / "docs" / "benchmarks.md").read_text()
+    assert "<!-- bench:split-rowbytes -->" in doc and "| 4 | 40 | 68 |" in doc
+
+
+def test_report_refuses_to_overwrite_with_nothing(bench: Any) -> None:
+    with pytest.raises(SystemExit, match="no agreement results cached"):
+        bench.main(["--stage", "report"])
