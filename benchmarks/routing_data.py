@@ -37,7 +37,7 @@ PROBE_TOKENS = 16
 
 
 def problems(split: str) -> list[CodeProblem]:
-    """``"train"``: Tether's own 71 tasks; ``"humaneval"``: HumanEval/0, /4, ... /160 (41 problems)."""
+    """``"train"``: Tether's own tasks (`routing/_task_bank.py`, 111); ``"humaneval"``: HumanEval/0, /4, ... /160 (41 problems)."""
     from tether.routing._codeeval import humaneval_subset, training_tasks
 
     if split == "train":
