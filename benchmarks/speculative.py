@@ -319,7 +319,8 @@ def _markdown(report: dict[str, Any]) -> str:
         f"cloud in its {cond['cloud_placement']}; both share the one 2-core CPU; half the RTT each way; "
         f"cloud s/token = {cond['cloud_compute']}; "
         "transformers' assisted generation runs both models in one process with no network "
-        f"({cond['cloud_threads']} thread) and is shown at every RTT. One run; rough numbers.",
+        f"({cond['cloud_threads']} thread) and is shown at every RTT. "
+        + (f"Order: {cond['order']}. " if cond.get("order") else "") + "One run; rough numbers.",
         "",
         "![tokens/s vs RTT](speculative_rtt.png)",
         "",
@@ -344,42 +345,52 @@ def _markdown(report: dict[str, Any]) -> str:
     ceil = {r: c for r, c in report.get("ceiling", {}).items() if c}
     if ceil:
         lines += ["", "Cost-model ceiling of adaptive+pipelined over fixed k=4 (non-pipelined), from this run's own "
-                  "measurements (alpha from the k=4 rounds, edge s/token from edge mode, verify cost as a line "
-                  "through the cloud's reported compute per pass at 1 token and at k=4, network = the emulated RTT):", ""]
+                  "measurements (alpha from the k=4 rounds, edge s/token from edge mode, verify cost piecewise linear "
+                  "through the cloud's reported compute per pass with 0 drafts (cloud mode), at k=4 and at the "
+                  "adaptive policy's mean k; network = the emulated RTT):", ""]
         for r, c in ceil.items():
+            curve = ", ".join(f"k={k}: {v:.2f} s" for k, v in c["verify_points"].items())
             lines.append(f"- {r} ms: alpha {c['alpha']:.2f}, edge {1000 * c['edge_s_per_token']:.0f} ms/token, verify "
-                         f"{c['verify_s_1']:.3f} s + {1000 * c['verify_s_per_extra_token']:.0f} ms/extra token: best k "
-                         f"{c['best_k']}, at most **{c['ratio']:.2f}x** k=4")
+                         f"per pass ({curve}): best k {c['best_k']}, at most **{c['ratio']:.2f}x** k=4")
     return "\n".join(lines)
 
 
 def _ceiling(res: dict[str, dict[str, Any]], rtt_ms: int) -> dict[str, Any] | None:
     """What the cost model allows adaptive+pipelined over fixed k=4 with this run's measurements.
 
-    Inputs measured in this run: alpha from the k=4 rounds at this RTT, the edge's seconds per
-    draft token (edge mode), and the cloud's verify cost as a line through its compute
-    seconds per pass for one token (cloud mode) and for k=4 blocks; the network is the
-    emulated RTT alone (protocol overhead left out). Returns the best k and the predicted
-    tokens/s ratio of the best pipelined k over non-pipelined k=4 (None without the inputs).
+    Inputs measured in this run at this RTT: alpha from the k=4 rounds, the edge's seconds
+    per draft token (edge mode), and the cloud's verify cost V as a piecewise-linear curve
+    through its reported compute seconds per pass at 1 token (cloud mode), at k=4 and at the
+    adaptive policy's mean k (extended past the last point with the last segment's slope);
+    the network is the emulated RTT alone (protocol overhead left out). Returns the best k
+    and the predicted tokens/s ratio of the best pipelined k over non-pipelined k=4.
     """
     from tether.edge._draft_length import expected_tokens, round_seconds
 
-    k4, cloud, edge = (res.get(m, {}).get(str(rtt_ms)) for m in ("speculative-k4", "cloud", "edge"))
+    rows = {m: res.get(m, {}).get(str(rtt_ms)) for m in ("speculative-k4", "speculative-adaptive", "cloud", "edge")}
+    k4, cloud, edge = rows["speculative-k4"], rows["cloud"], rows["edge"]
     if not (k4 and cloud and edge) or None in (k4["alpha"], k4["cloud_compute_s_per_pass"],
                                               cloud["cloud_compute_s_per_pass"], edge["edge_s_per_pass"]):
         return None
     alpha, d, net = min(k4["alpha"], 0.999), edge["edge_s_per_pass"], rtt_ms / 1000
-    n4 = 1.0 + (k4["mean_draft_length"] or 4.0)
-    v1, v4 = cloud["cloud_compute_s_per_pass"], k4["cloud_compute_s_per_pass"]
-    slope = max(0.0, (v4 - v1) / (n4 - 1.0)) if n4 > 1.0 else 0.0
+    points = {0.0: cloud["cloud_compute_s_per_pass"], k4["mean_draft_length"] or 4.0: k4["cloud_compute_s_per_pass"]}
+    adaptive = rows["speculative-adaptive"]
+    if adaptive and adaptive.get("mean_draft_length") and adaptive.get("cloud_compute_s_per_pass"):
+        points[adaptive["mean_draft_length"]] = adaptive["cloud_compute_s_per_pass"]
+    xs = sorted(points)
+
+    def verify(k: int) -> float:  # piecewise linear in the drafts per pass
+        i = next((i for i in range(1, len(xs)) if k <= xs[i]), len(xs) - 1)
+        x0, x1 = xs[i - 1], xs[i]
+        slope = max(0.0, (points[x1] - points[x0]) / (x1 - x0))
+        return points[x0] + slope * (k - x0) if k <= x1 else points[x1] + slope * (k - x1)
 
     def rate(k: int, pipelined: bool) -> float:
-        verify = v1 + slope * k
         return expected_tokens(alpha, k) / round_seconds(k, alpha=alpha, draft_s=d, network_s=net,
-                                                         verify_s=verify, pipelined=pipelined)
+                                                         verify_s=verify(k), pipelined=pipelined)
 
     best = max(range(1, 17), key=lambda k: rate(k, True))
-    return {"alpha": alpha, "edge_s_per_token": d, "verify_s_1": v1, "verify_s_per_extra_token": round(slope, 4),
+    return {"alpha": alpha, "edge_s_per_token": d, "verify_points": {f"{x:g}": points[x] for x in xs},
             "best_k": best, "ratio": round(rate(best, True) / rate(4, False), 3)}
 
 
