@@ -36,6 +36,8 @@ async def test_connect_speculative_equals_cloud_over_the_protocol(server, edge_m
         assert Origin.EDGE_ACCEPTED in spec.origins
         s = spec.stats
         assert not s.degraded and s.bytes_up > 0 and s.bytes_down > 0 and s.rtt_s is not None
+        # The server's cost fields reach the stats over the wire (the SDK announces "cost").
+        assert s.cloud_forward_passes == s.rounds and s.cloud_compute_s > 0.0
         sampled = await client.generate("remote hello", max_new_tokens=10, temperature=0.8, seed=1)
         assert len(sampled.token_ids) == 10 and not sampled.stats.degraded
 
