@@ -78,7 +78,7 @@ def fingerprints(max_rounds: int = 3) -> dict[str, str]:
         "edge-only": _fingerprint("edge-only", {"model": DEFAULT_EDGE_MODEL, "max_tokens": BASELINE_MAX_TOKENS,
                                                 "instruction": BASELINE_INSTRUCTION, "prompt": "minion-edge"}),
         "minion": _fingerprint("minion", {"rounds": max_rounds, "format": ANSWER_FORMAT, "v": 2}),
-        "minions": _fingerprint("minions", {"rounds": max_rounds, "format": ANSWER_FORMAT, "v": 4, "chunk": chunk}),
+        "minions": _fingerprint("minions", {"rounds": max_rounds, "format": ANSWER_FORMAT, "v": 5, "chunk": chunk}),
     }
 
 

@@ -20,6 +20,7 @@ previous replies, and the edge model's non-abstaining results (answers and, unle
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import time
@@ -187,9 +188,33 @@ def _merge(results: Sequence[WorkerResult]) -> list[dict[str, Any]]:
     return list(merged.values())
 
 
+def _drop_guessed_hints(plan: Plan, task: str, rounds: Sequence[Round]) -> tuple[Plan, dict[int, list[str]]]:
+    """The plan without hints that hold figures the planner cannot know, and which figures those were.
+
+    The planner has seen only the task and the edge's results; a figure in its hints that
+    is in neither is a guess, and small workers copy hints into their answers (grounding
+    then drops every result, and nothing is learnt). Such hints never reach the edge model.
+    """
+    known = _numbers(task)
+    for r in rounds:
+        for res in r.results:
+            known |= _numbers(res.answer)
+    guessed: dict[int, list[str]] = {}
+    jobs = list(plan.jobs)
+    for j, job in enumerate(jobs):
+        new = sorted(_numbers(job.hints) - known)
+        if new:
+            guessed[j] = new
+            jobs[j] = dataclasses.replace(job, hints="")
+    return (dataclasses.replace(plan, jobs=tuple(jobs)) if guessed else plan), guessed
+
+
 def _results_message(index: int, results: Sequence[WorkerResult], runs: int, empty_jobs: Sequence[int],
-                     omitted: int, rounds_left: int) -> str:
+                     omitted: int, rounds_left: int, guessed: dict[int, list[str]] | None = None) -> str:
     lines = [f"Results of round {index}: {len(results) + omitted} of {runs} runs found something."]
+    for j, figures in (guessed or {}).items():
+        lines.append(f"The hints of job {j} were not used: they hold figures ({', '.join(figures[:3])}) that are "
+                     "in neither the task nor any result, so they are guesses.")
     if empty_jobs:
         lines.append("Jobs that selected no chunk: " + ", ".join(map(str, empty_jobs)) + ".")
     lines += [json.dumps(r, ensure_ascii=False) for r in _merge(results)]
@@ -246,6 +271,9 @@ def minions_flow(
             return turn
 
         turn, _, exchanges = yield from session.cloud_turn(index, parse, round_cost)
+        guessed: dict[int, list[str]] = {}
+        if isinstance(turn, Plan):
+            turn, guessed = _drop_guessed_hints(turn, task, session.rounds)
         if isinstance(turn, FinalAnswer):
             session.cost.rounds.append(round_cost)
             session.rounds.append(Round(index=index, cloud=exchanges, cost=round_cost))
@@ -279,7 +307,7 @@ def minions_flow(
         sent = results[: options.max_results]
         empty_jobs = [j for j in range(len(turn.jobs)) if all(p[0] != j for p in pairs)]
         session.messages.append({"role": "user", "content": _results_message(
-            index, sent, len(pairs), empty_jobs, len(results) - len(sent), max_rounds - index)})
+            index, sent, len(pairs), empty_jobs, len(results) - len(sent), max_rounds - index, guessed)})
         session.cost.rounds.append(round_cost)
         session.rounds.append(Round(index=index, cloud=exchanges, jobs=turn.jobs, results=tuple(sent),
                                     edge_runs=len(pairs), abstained=len(pairs) - len(results) - ungrounded,

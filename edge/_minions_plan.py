@@ -274,11 +274,16 @@ def _ints(value: Any, path: str, limit: int) -> tuple[int, ...]:
     return tuple(dict.fromkeys(out))
 
 
+_ID_LIST = re.compile(r"\s*\d{1,6}(?:\s*,?\s*\d{1,6})*\s*")
+
+
 def _selector(value: Any, path: str, lim: PlanLimits) -> ChunkSelector:
     if value is None or value == "all":
         return ChunkSelector()
     if isinstance(value, list):
         return ChunkSelector(kind="ids", ids=_ints(value, path, lim.max_chunk_ids))
+    if isinstance(value, str) and _ID_LIST.fullmatch(value):  # "3" or "3, 4": small models quote ids
+        return ChunkSelector(kind="ids", ids=_ints(value.replace(",", " ").split(), path, lim.max_chunk_ids))
     if isinstance(value, dict):
         if len(value) != 1:
             raise SchemaViolation(f"{path} must have exactly one of 'ids', 'documents', 'contains_any'", path=path)

@@ -89,6 +89,13 @@ def test_parse_plan_fuzz(text: str) -> None:
 # -- plans ------------------------------------------------------------------------------------
 
 
+def test_quoted_chunk_ids_are_chunk_ids() -> None:
+    plan = parse_plan('{"action": "jobs", "jobs": [{"instruction": "a", "chunks": "3"}, '
+                      '{"instruction": "b", "chunks": "4, 5 6"}]}')
+    assert isinstance(plan, Plan) and [j.chunks.ids for j in plan.jobs] == [(3,), (4, 5, 6)]
+    assert all(j.chunks.kind == "ids" for j in plan.jobs)
+
+
 def test_plan_with_every_selector_kind() -> None:
     plan = parse_plan(plan_text(
         {"instruction": "Find the Q3 revenue.", "chunks": "all", "hints": "in thousands"},

@@ -298,3 +298,22 @@ def test_results_with_the_same_figure_merge_into_one_line(byte_tokenizer: Any) -
     sent = clouds[1].messages[-1]["content"]
     assert '"chunks": [0, 1], "answer": "$5,634."' in sent and '"chunks": [2], "answer": "5,635"' in sent
     assert len(result.rounds[0].results) == 3  # the transcript keeps every result
+
+
+def test_hints_with_guessed_figures_never_reach_the_edge(byte_tokenizer: Any) -> None:
+    """The planner has seen only the task and the results: any other figure in its hints is a guess."""
+    seen: list[str] = []
+
+    def edge(prompt: Any) -> str:
+        seen.append(byte_tokenizer.decode(list(prompt.suffix)))
+        return '{"answer": "120", "citation": ""}' if len(seen) == 1 else '{"answer": null}'
+
+    plan1 = jobs({"instruction": "Units sold by Aurora?", "chunks": [0], "hints": "Aurora sold 120,000 units"})
+    plan2 = jobs({"instruction": "Units sold by Borealis?", "chunks": [0], "hints": "Aurora sold 120; in March"})
+    result, clouds, _ = drive(minions(byte_tokenizer, options=OPTS.replace(grounding=False)),
+                              [plan1, plan2, answer("120")], edge)
+    assert "120,000" not in seen[0] and "Hints" not in seen[0]
+    assert result.rounds[0].jobs[0].hints == ""
+    assert "hints of job 0 were not used: they hold figures (120000)" in clouds[1].messages[-1]["content"]
+    # A figure the edge reported earlier (120) is known: those hints go through.
+    assert "Aurora sold 120; in March" in seen[1] and "were not used" not in clouds[2].messages[-1]["content"]
