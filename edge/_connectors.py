@@ -78,10 +78,10 @@ class LoopbackCloud(InProcessCloud):
     """The cloud service started in this process, reached through the real protocol on loopback.
 
     `EdgeClient.local()` uses it: a `CloudServer` with an ephemeral key pair listens on
-    127.0.0.1 (an ephemeral port), admits only this connector's own ephemeral client key,
-    and the edge connects to it exactly as to a remote
-    `tether serve` — Noise handshake, encrypted frames, the same session messages — so the
-    embedded default exercises the deployed path, and the stats count real bytes.
+    127.0.0.1 (an ephemeral port) and admits only this connector's own ephemeral client
+    key; the edge connects to it exactly as to a remote `tether serve` (Noise handshake,
+    encrypted frames, the same session messages), so the embedded default exercises the
+    deployed path, and the stats count real bytes.
 
     The server runs its own event loop on its own thread: its request handling and
     encryption then never wait behind the edge's loop (the model compute is on the cloud's
@@ -121,13 +121,14 @@ class LoopbackCloud(InProcessCloud):
         runtime, tokenizer, name = await asyncio.to_thread(load)
         client_keys = KeyPair.generate()
         thread = _LoopThread()
+        server: Any = None
         try:
             manager, server = await thread.run(_serve(runtime, tokenizer, name, threads, client_keys.public))
             options: dict[str, Any] = {} if link is None else {"link": link}
             remote = await RemoteCloud.connect(server.url, client_keys, server_public_key=server.keys.public,
                                                **options)
         except BaseException:
-            await thread.stop(None)
+            await thread.stop(server)  # a started server is drained and closed, its model thread too
             raise
         return cls(manager, server, remote, thread)
 
