@@ -252,7 +252,7 @@ def _speed_configs() -> list[dict[str, Any]]:
         configs.append({"name": f"auto-int8@{rtt}", "mode": "split", "k": "auto", "compression": "int8",
                         "rtt_ms": rtt})
         for k in (21, 24):
-            for kind, label in (("trained", "exit"), ("model-head", "lens")):
+            for kind, label in (("trained", "exit"), ("model-head", "lens"), ("confirmed", "confirmed")):
                 configs.append({"name": f"k{k}-int8-{label}@{rtt}", "mode": "split", "k": k, "compression": "int8",
                                 "rtt_ms": rtt, "exit": kind})
     return configs
@@ -287,7 +287,7 @@ async def _speed_async(budget: Budget) -> bool:
             opts = None
             if cfg["mode"] == "split":
                 threshold = None
-                trained = cfg.get("exit") == "trained"
+                trained = cfg.get("exit") in ("trained", "confirmed")
                 if cfg.get("exit"):
                     threshold = _exit_threshold(int(cfg["k"]), cfg["exit"])
                     if threshold is None or (trained and not _head_path(int(cfg["k"])).is_file()):
@@ -295,7 +295,8 @@ async def _speed_async(budget: Budget) -> bool:
                         _save("speed", speed)
                         continue
                 opts = SplitOptions(split_layer=cfg["k"], compression=cfg["compression"], exit_threshold=threshold,
-                                    exit_head=_head_path(int(cfg["k"])) if trained else None)
+                                    exit_head=_head_path(int(cfg["k"])) if trained else None,
+                                    exit_confirm=cfg.get("exit") == "confirmed")
             link = EmulatedLink.with_rtt(InProcessCloud(manager), cfg["rtt_ms"] / 1000, bandwidth_bps=UPLINK_BPS)
             client = EdgeClient(edge, link, mode=cfg["mode"], split=opts, split_model=split_model)
             runs = []
@@ -441,6 +442,22 @@ def summarize_row_bytes(ref: dict[str, Any], agree: dict[str, Any], hidden: int)
     return out
 
 
+EXIT_KINDS = ("model-head", "trained", "confirmed")
+
+
+def _exit_signals(exits: dict[str, Any], kind: str) -> dict[str, list[Any]] | None:
+    """Confidence and token per position for an exit kind; "confirmed" (``exit_confirm=True``)
+    exits only where the trained head and the model's head propose the same token, at the
+    lower of their confidences (it costs the device both heads)."""
+    if kind != "confirmed":
+        return exits.get(kind)
+    if "trained" not in exits or "model-head" not in exits:
+        return None
+    t, m = exits["trained"], exits["model-head"]
+    conf = [min(a, b) if x == y else 0.0 for a, b, x, y in zip(t["confidence"], m["confidence"], t["tokens"], m["tokens"])]
+    return {"confidence": conf, "tokens": t["tokens"]}
+
+
 def summarize_exits(ref: dict[str, Any], agree: dict[str, Any], base: str = "int8",
                     calibrated: dict[int, float] | None = None) -> dict[str, Any]:
     """Per (k, exit kind): exit rate and agreement at each threshold (non-exited positions take
@@ -450,17 +467,17 @@ def summarize_exits(ref: dict[str, Any], agree: dict[str, Any], base: str = "int
     user would get without looking at the benchmark."""
     curves: dict[str, Any] = {}
     for k in K_LIST:
-        for kind in ("model-head", "trained"):
+        for kind in EXIT_KINDS:
             points = []
             chosen = (calibrated or {}).get(k) if kind == "trained" else None
             for t in (*THRESHOLDS, *([chosen] if chosen is not None and chosen not in THRESHOLDS else [])):
                 exits = hit = total = 0
                 for i in _positions(ref, agree):
                     e = agree[i]["k"][str(k)]
-                    if kind not in e["exit"]:
+                    ex = _exit_signals(e["exit"], kind)
+                    if ex is None:
                         total = -1
                         break
-                    ex = e["exit"][kind]
                     for conf, etok, ctok, target in zip(ex["confidence"], ex["tokens"], e["compression"][base],
                                                         agree[i]["targets"]):
                         use_exit = conf >= t

@@ -41,6 +41,7 @@ from tether.sampling import sample, warp
 
 __all__ = [
     "CalibrationPoint",
+    "ConfirmedExit",
     "EarlyExit",
     "ExitData",
     "ExitHead",
@@ -116,6 +117,33 @@ class ModelHeadExit:
     ) -> ExitProposal:
         logits = self.runtime.head(hidden.reshape(1, -1))[0]  # [V]
         return _propose(logits, None, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+
+
+class ConfirmedExit:
+    """An exit that a second one must confirm: the device exits only where both propose the
+    same token, at the lower of their confidences (else confidence 0: never exits).
+
+    Split mode builds it for ``exit_confirm=True``: a trained head checked by the model's own
+    head. Two heads that were fitted differently rarely agree on the same wrong token, so
+    fewer exits are wrong at a given threshold — for the cost of both heads on the device.
+    When sampling, each draws its own token, so they agree less often than when greedy.
+    """
+
+    def __init__(self, exit: EarlyExit, check: EarlyExit) -> None:
+        self.exit, self.check = exit, check
+
+    @property
+    def layer(self) -> int | None:
+        return self.exit.layer
+
+    def propose(
+        self, hidden: torch.Tensor, *, temperature: float, top_k: int, top_p: float,
+        generator: torch.Generator | None,
+    ) -> ExitProposal:
+        first = self.exit.propose(hidden, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        second = self.check.propose(hidden, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        same = first.token == second.token
+        return ExitProposal(token=first.token, confidence=min(first.confidence, second.confidence) if same else 0.0)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from tether.cloud import HiddenResult
-from tether.edge._exit_head import EarlyExit, ExitHead, ModelHeadExit, load_exit
+from tether.edge._exit_head import ConfirmedExit, EarlyExit, ExitHead, ModelHeadExit, load_exit
 from tether.edge._hidden_codec import HiddenCodec, get_codec
 from tether.edge._partition import PartitionProfile, PartitionReport, choose_partition, measure_edge, probe_cloud
 from tether.edge._remote import CloudLink, LinkDown, now
@@ -70,6 +70,9 @@ class SplitOptions:
             top probability is at least this (in (0, 1]); None disables early exit.
         exit_head: the early exit: None for the model's own final norm + LM head at layer
             k, or a trained `ExitHead` (or its file, from ``tether split train-exit``).
+        exit_confirm: with an `exit_head`, exit only where the model's own head proposes
+            the same token too, at the lower confidence (`ConfirmedExit`): fewer wrong exits,
+            for both heads' cost on the device.
         min_layers, max_layers: bounds on k for ``"auto"`` (e.g. keep at least a few
             layers on the device; limit memory).
         bandwidth_bytes_per_s: the uplink's bandwidth for ``"auto"`` (None: measure it).
@@ -83,6 +86,7 @@ class SplitOptions:
     compression: str = "int8"
     exit_threshold: float | None = None
     exit_head: ExitHead | str | os.PathLike[str] | None = None
+    exit_confirm: bool = False
     min_layers: int = 1
     max_layers: int | None = None
     bandwidth_bytes_per_s: float | None = None
@@ -98,6 +102,8 @@ class SplitOptions:
         t = self.exit_threshold
         if t is not None and not (isinstance(t, (int, float)) and 0.0 < t <= 1.0):
             raise ConfigurationError(f"exit_threshold must be in (0, 1] or None, got {t!r}")
+        if self.exit_confirm and self.exit_head is None:
+            raise ConfigurationError("exit_confirm needs an exit_head to confirm (the model's own head is the check)")
         if self.min_layers < 1:
             raise ConfigurationError(f"min_layers must be >= 1, got {self.min_layers}")
         if self.max_layers is not None and self.max_layers < self.min_layers:
@@ -235,7 +241,9 @@ class SplitStrategy:
         stats, opts = self.stats, self.options
         if opts.exit_threshold is not None:
             self.exit = await model.run(load_exit, opts.exit_head, model.runtime)
-            kinds = {ModelHeadExit: "model-head", ExitHead: "trained"}
+            if opts.exit_confirm:
+                self.exit = ConfirmedExit(self.exit, ModelHeadExit(model.runtime))
+            kinds = {ModelHeadExit: "model-head", ExitHead: "trained", ConfirmedExit: "confirmed"}
             stats.exit_kind = kinds.get(type(self.exit), "custom")
         up = await self.link.start(())  # no token ids: the session only ever sees hidden states
         if up:

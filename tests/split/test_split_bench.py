@@ -71,6 +71,12 @@ def test_every_stage_and_the_report(bench: Any, tmp_path: Path) -> None:
     assert set(grid) == {"2", "4"} and all(v > 0 for row in grid.values() for v in row.values())
     assert grid["2"]["int4"] >= grid["2"]["fp32"]  # fewer bytes never model slower
     assert data["speed"]["k2-int8@1"]["hidden_bytes_per_token"] > 0
+    # the confirmed exit (trained head checked by the model's head) never exits more than the trained head alone
+    assert {"4/trained", "4/model-head", "4/confirmed", "2/model-head"} <= set(data["exits"])
+    for t, c in zip(data["exits"]["4/trained"]["points"], data["exits"]["4/confirmed"]["points"]):
+        assert c["exit_rate"] <= t["exit_rate"]
+    deflate = data["row_bytes"]["int8-deflate"]["by_k"]["2"]
+    assert deflate["rows"] == sum(len(a["targets"]) for a in agree.values())
     assert (tmp_path / "benchmarks" / "results" / "split.json").is_file()
     assert (tmp_path / "docs" / "split_bench.png").stat().st_size > 1000
     doc = (tmp_path / "docs" / "benchmarks.md").read_text()

@@ -290,3 +290,38 @@ async def test_sampling_is_seeded(edge_model, manager) -> None:  # type: ignore[
         c = await client.generate("sample me", max_new_tokens=12, temperature=1.0, seed=8)
     assert a.token_ids == b.token_ids and a.origins == b.origins
     assert a.token_ids != c.token_ids
+
+
+class LensCopy:
+    """An exit that proposes what the model's own head proposes (or, `wrong`, one token off)."""
+
+    layer = None
+
+    def __init__(self, runtime: Any, wrong: bool = False) -> None:
+        self.runtime, self.wrong = runtime, wrong
+
+    def propose(self, hidden: torch.Tensor, **_: Any) -> Any:
+        from tether.edge._exit_head import ExitProposal
+
+        token = int(self.runtime.head(hidden.reshape(1, -1))[0].argmax())
+        return ExitProposal(token=token + 1 if self.wrong else token, confidence=1.0)
+
+
+@pytest.mark.parametrize("wrong", [False, True])
+async def test_confirmed_exit_needs_both_heads_to_agree(edge_model, manager, split_runtime, wrong: bool) -> None:  # type: ignore[no-untyped-def]
+    """exit_confirm: the device exits only where the model's own head proposes the same token."""
+    opts = SplitOptions(split_layer=5, compression="fp32", exit_threshold=1e-9, exit_confirm=True,
+                        exit_head=LensCopy(split_runtime, wrong))  # type: ignore[arg-type]
+    async with EdgeClient(edge_model, InProcessCloud(manager), mode="split") as client:
+        r = await client.generate("confirm", max_new_tokens=5, split=opts)
+    s = r.stats
+    assert isinstance(s, SplitStats) and s.exit_kind == "confirmed"
+    if wrong:  # never confirmed: every token comes from the cloud
+        assert set(r.origins) == {Origin.CLOUD_GENERATED} and s.early_exits == 0
+    else:
+        assert set(r.origins) == {Origin.EDGE_EXIT} and s.early_exits == 5
+
+
+def test_exit_confirm_needs_an_exit_head() -> None:
+    with pytest.raises(ConfigurationError, match="exit_confirm needs an exit_head to confirm"):
+        SplitOptions(exit_threshold=0.9, exit_confirm=True)
