@@ -765,7 +765,9 @@ def _markdown(data: dict[str, Any]) -> str:
                  f"{_pct(t['early_exit']['calibrated']['agreement'])} ({t['early_exit']['calibrated']['at']}, "
                  f"threshold {t['early_exit']['calibrated']['threshold']:.3g})."
                  if t["early_exit"].get("calibrated") else
-                 "No trained head's own threshold reaches 98% here."),
+                 ("No trained head's own threshold reaches 98% here."
+                  if any(key.endswith("/trained") for key in data["exits"])
+                  else "No trained exit heads were measured in this run (model's own head only).")),
               "", "![split computing](split_bench.png)"]
     return "\n".join(lines)
 
