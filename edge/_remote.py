@@ -6,7 +6,10 @@ cloud reports, and on a failure marks the link down and reconnects in the backgr
 exponential backoff, re-syncing a fresh session to the committed tokens.
 What does not: deciding what to do while down (the strategies run the edge alone).
 
-Link-failure policy: any error of a request except `InvalidRequest` and
+Link-failure policy: a request refused with `ServerOverloaded` (a rate limit or a full
+server; the server refuses it before doing any work) is retried on the same session after a
+short backoff, up to `overload_retries` times, so a busy server costs latency, not the
+cloud's exact output. Any other error of a request except `InvalidRequest` and
 `UnsupportedOperation` (which mean the request itself was wrong and would fail again)
 takes the link down. The session it happened on is abandoned, never reused: a timed-out
 request may still run on the server, so only a fresh session has a known state.
@@ -23,7 +26,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, TypeVar, runtime_checkable
 
-from tether.cloud import CloudSessionAPI, InvalidRequest, SamplingParams, SessionInfo, UnsupportedOperation
+from tether.cloud import (
+    CloudSessionAPI,
+    InvalidRequest,
+    SamplingParams,
+    ServerOverloaded,
+    SessionInfo,
+    UnsupportedOperation,
+)
 from tether.edge._errors import CloudUnavailableError
 from tether.edge._stats import GenerationStats
 
@@ -59,7 +69,10 @@ class ResilienceOptions:
         request_timeout: seconds a single cloud request (verify, append, one generated
             chunk) may take before the link counts as down.
         connect_timeout: seconds to open (and re-sync) a session.
-        backoff_initial, backoff_factor, backoff_max: reconnect delays (with +-25% jitter).
+        backoff_initial, backoff_factor, backoff_max: reconnect delays (with +-25% jitter),
+            also the waits between retries of an overloaded request.
+        overload_retries: how often a request the server refused as overloaded is retried
+            before the link counts as down (0: never).
     """
 
     on_disconnect: Literal["degrade", "raise"] = "degrade"
@@ -68,6 +81,7 @@ class ResilienceOptions:
     backoff_initial: float = 0.05
     backoff_factor: float = 2.0
     backoff_max: float = 2.0
+    overload_retries: int = 4
 
     def __post_init__(self) -> None:
         if self.on_disconnect not in ("degrade", "raise"):
@@ -77,6 +91,8 @@ class ResilienceOptions:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if self.backoff_factor < 1:
             raise ValueError(f"backoff_factor must be >= 1, got {self.backoff_factor!r}")
+        if self.overload_retries < 0:
+            raise ValueError(f"overload_retries must be >= 0, got {self.overload_retries!r}")
 
 
 class LinkDown(Exception):
@@ -85,6 +101,13 @@ class LinkDown(Exception):
 
 def _is_request_error(exc: BaseException) -> bool:
     return isinstance(exc, (InvalidRequest, UnsupportedOperation))
+
+
+async def _aclose(agen: AsyncIterator[object]) -> None:
+    aclose = getattr(agen, "aclose", None)
+    if aclose is not None:
+        with contextlib.suppress(Exception):
+            await aclose()
 
 
 def _byte_counts(session: object) -> tuple[int, int]:
@@ -245,15 +268,30 @@ class CloudLink:
         session = self.session
         if session is None:
             raise LinkDown()
-        try:
-            result = await asyncio.wait_for(fn(session), self.options.request_timeout)
-        except Exception as exc:
-            if _is_request_error(exc):
-                raise
-            self._down(exc)
-            raise LinkDown() from exc
+        retries = 0
+        while True:
+            try:
+                result = await asyncio.wait_for(fn(session), self.options.request_timeout)
+                break
+            except ServerOverloaded as exc:
+                if retries >= self.options.overload_retries:
+                    self._down(exc)
+                    raise LinkDown() from exc
+                await self._overload_backoff(retries, exc)
+                retries += 1
+            except Exception as exc:
+                if _is_request_error(exc):
+                    raise
+                self._down(exc)
+                raise LinkDown() from exc
         self._account(session)
         return result
+
+    async def _overload_backoff(self, retries: int, exc: ServerOverloaded) -> None:
+        delay = min(self.options.backoff_max, self.options.backoff_initial * self.options.backoff_factor ** retries)
+        self.stats.overload_retries += 1
+        log.debug("cloud overloaded (%s); retry %d in %.2f s", exc, retries + 1, delay)
+        await asyncio.sleep(delay * random.uniform(0.75, 1.25))
 
     async def stream(self, fn: Callable[[CloudSessionAPI], AsyncIterator[T]]) -> AsyncIterator[T]:
         """Iterate a streaming request, each item under the request timeout (see `call`)."""
@@ -261,24 +299,33 @@ class CloudLink:
         if session is None:
             raise LinkDown()
         agen = fn(session)
+        retries, started = 0, False
         try:
             while True:
                 try:
                     item = await asyncio.wait_for(agen.__anext__(), self.options.request_timeout)
                 except StopAsyncIteration:
                     return
+                except ServerOverloaded as exc:
+                    # Only a stream refused before its first item is retried: nothing ran yet.
+                    if started or retries >= self.options.overload_retries:
+                        self._down(exc)
+                        raise LinkDown() from exc
+                    await _aclose(agen)
+                    await self._overload_backoff(retries, exc)
+                    retries += 1
+                    agen = fn(session)
+                    continue
                 except Exception as exc:
                     if _is_request_error(exc):
                         raise
                     self._down(exc)
                     raise LinkDown() from exc
+                started = True
                 self._account(session)
                 yield item
         finally:
-            aclose = getattr(agen, "aclose", None)
-            if aclose is not None:
-                with contextlib.suppress(Exception):
-                    await aclose()
+            await _aclose(agen)
 
     def record_timing(self, wall_s: float, compute_s: float, queue_s: float, forward_passes: int) -> None:
         """Record one request's cloud cost and its network share of the wall time."""

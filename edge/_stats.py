@@ -43,6 +43,8 @@ class GenerationStats:
             unreachable (speculative / cloud modes).
         reconnects: successful reconnections to the cloud during this generation.
         link_failures: cloud requests that failed or timed out.
+        overload_retries: cloud requests retried because the server refused them as
+            overloaded (rate limit or full server).
     """
 
     mode: str = ""
@@ -67,6 +69,7 @@ class GenerationStats:
     degraded: bool = False
     reconnects: int = 0
     link_failures: int = 0
+    overload_retries: int = 0
 
     # -- recording ------------------------------------------------------------------
 
@@ -164,4 +167,5 @@ class GenerationStats:
             "degraded": self.degraded,
             "reconnects": self.reconnects,
             "link_failures": self.link_failures,
+            "overload_retries": self.overload_retries,
         }

@@ -114,3 +114,60 @@ async def test_emulated_rtt_and_bytes(edge_model, cloud_manager) -> None:  # typ
     assert loop.time() - t0 >= 0.04 * (s.rounds + 2)
     assert s.bytes_up > 0 and s.bytes_down > 0
     assert s.bytes_up == link.bytes_sent and s.bytes_down == link.bytes_received
+
+
+class _Overloaded:
+    """A connector whose sessions refuse the first `refusals` verify/generate requests as
+    overloaded (as a rate-limited server does, before doing any work)."""
+
+    def __init__(self, inner, refusals: int) -> None:  # type: ignore[no-untyped-def]
+        self.inner, self.left = inner, refusals
+
+    async def new_session(self):  # type: ignore[no-untyped-def]
+        from tether.cloud import ServerOverloaded
+
+        session, outer = await self.inner.new_session(), self
+
+        class Session:
+            def __getattr__(self, name):  # type: ignore[no-untyped-def]
+                return getattr(session, name)
+
+            async def verify(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+                if outer.left > 0:
+                    outer.left -= 1
+                    raise ServerOverloaded("rate limit: over 5 requests/s for this client; retry in 0.010 s")
+                return await session.verify(*args, **kwargs)
+
+            async def generate(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+                if outer.left > 0:
+                    outer.left -= 1
+                    raise ServerOverloaded("rate limit: over 5 requests/s for this client; retry in 0.010 s")
+                async for chunk in session.generate(*args, **kwargs):
+                    yield chunk
+
+        return Session()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@pytest.mark.parametrize("mode", ["speculative", "cloud"])
+async def test_overloaded_requests_are_retried_not_degraded(edge_model, cloud_manager, tiny_cloud_hf,  # type: ignore[no-untyped-def]
+                                                            mode) -> None:
+    opts = ResilienceOptions(backoff_initial=0.01, backoff_max=0.05)
+    client = EdgeClient(edge_model, _Overloaded(InProcessCloud(cloud_manager), refusals=3), resilience=opts)
+    r = await client.generate(PROMPT, mode=mode, max_new_tokens=N)
+    assert r.stats.overload_retries == 3 and not r.stats.degraded and r.stats.link_failures == 0
+    assert Origin.EDGE_ONLY not in r.origins
+    reference = await EdgeClient(edge_model, InProcessCloud(cloud_manager)).generate(PROMPT, mode="cloud",
+                                                                                      max_new_tokens=N)
+    assert r.token_ids == reference.token_ids
+
+
+async def test_overload_retries_are_bounded(edge_model, cloud_manager, tiny_cloud_hf) -> None:  # type: ignore[no-untyped-def]
+    opts = ResilienceOptions(backoff_initial=0.01, backoff_max=0.02, overload_retries=2)
+    client = EdgeClient(edge_model, _Overloaded(InProcessCloud(cloud_manager), refusals=10**6), resilience=opts)
+    r = await client.generate(PROMPT, mode="speculative", max_new_tokens=8)
+    assert len(r.token_ids) == 8 and r.stats.degraded and r.stats.overload_retries >= 2
+    with pytest.raises(ValueError, match="overload_retries"):
+        ResilienceOptions(overload_retries=-1)
