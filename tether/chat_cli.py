@@ -337,6 +337,7 @@ class ChatSession:
 
     def repl(self) -> None:
         """Read questions and commands until /quit or end of input."""
+        _restore_ctrl_c()
         try:
             import readline  # noqa: F401  (line editing and history for input())
         except ImportError:  # pragma: no cover - not on every platform
@@ -358,6 +359,17 @@ class ChatSession:
             except KeyboardInterrupt:  # at the prompt, or between answers: the session goes on
                 self.console.print("\n[dim](Ctrl-C: /quit or Ctrl-D leaves)[/dim]")
         self.console.print("[dim]bye[/dim]")
+
+
+def _restore_ctrl_c() -> None:
+    """Make Ctrl-C raise KeyboardInterrupt again, even when the chat was started by a parent
+    that ignores SIGINT (a disposition children inherit): the chat depends on it to stop an
+    answer and to keep the session going."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _new_text() -> Text:
