@@ -55,6 +55,7 @@ __all__ = [
     "hypothesis_frames",
     "malformed_cases",
     "mutate",
+    "open_handshaken",
     "run_malformed",
 ]
 
@@ -65,6 +66,27 @@ CLEAN_CLOSE_CODES = frozenset({int(c) for c in CloseCode if 4000 <= c < 4100} | 
 def _close_code_of(exc: BaseException) -> int:
     rcvd = getattr(exc, "rcvd", None)
     return int(rcvd.code) if rcvd is not None else int(CloseCode.ABNORMAL)
+
+
+async def open_handshaken(url: str, keys: KeyPair, server_key: Any, *, pattern: str = "IK",
+                          **protocol_options: Any) -> tuple[Any, ClientProtocol]:
+    """A raw websocket and a `ClientProtocol` whose Noise handshake is complete: what a
+    client that wants to send its own records (hostile or hand-built) starts from."""
+    from websockets.asyncio.client import connect as ws_connect
+
+    ws = await ws_connect(url, compression=None, max_size=None, ping_interval=None, proxy=None)
+    protocol = ClientProtocol(keys, server_key, pattern=pattern, **protocol_options)
+    try:
+        for record in protocol.data_to_send():
+            await ws.send(record)
+        while protocol.state.name == "HANDSHAKE":
+            protocol.receive_data(await ws.recv())
+            for record in protocol.data_to_send():
+                await ws.send(record)
+    except BaseException:
+        await ws.close()
+        raise
+    return ws, protocol
 
 
 class HostileClient:
@@ -81,21 +103,7 @@ class HostileClient:
 
     @classmethod
     async def open(cls, url: str, keys: KeyPair, server_key: PublicKey, *, pattern: str = "IK") -> HostileClient:
-        from websockets.asyncio.client import connect as ws_connect
-
-        ws = await ws_connect(url, compression=None, max_size=None, ping_interval=None, proxy=None)
-        protocol = ClientProtocol(keys, server_key, pattern=pattern)
-        try:
-            for record in protocol.data_to_send():
-                await ws.send(record)
-            while protocol.state.name == "HANDSHAKE":
-                protocol.receive_data(await ws.recv())
-                for record in protocol.data_to_send():
-                    await ws.send(record)
-        except BaseException:
-            await ws.close()
-            raise
-        return cls(ws, protocol)
+        return cls(*await open_handshaken(url, keys, server_key, pattern=pattern))
 
     async def _flush(self) -> None:
         for record in self.protocol.data_to_send():

@@ -87,17 +87,9 @@ class RawClient:
 
     @classmethod
     async def open(cls, url: str, keys: KeyPair, server_key: Any, *, pattern: str = "IK", **kwargs: Any) -> RawClient:
-        from websockets.asyncio.client import connect as ws_connect
+        from tether.benchmarks.hostile import open_handshaken
 
-        ws = await ws_connect(url, compression=None, max_size=None, ping_interval=None, proxy=None)
-        protocol = ClientProtocol(keys, server_key, pattern=pattern, **kwargs)
-        for record in protocol.data_to_send():
-            await ws.send(record)
-        while protocol.state.name == "HANDSHAKE":
-            protocol.receive_data(await ws.recv())
-            for record in protocol.data_to_send():
-                await ws.send(record)
-        return cls(ws, protocol)
+        return cls(*await open_handshaken(url, keys, server_key, pattern=pattern, **kwargs))
 
     def seal(self, message: Any, *, request_id: int | None = None, flags: int = 0) -> bytearray:
         """One record (not sent) carrying `message`; request ids increase by default."""
