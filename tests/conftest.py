@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tether.protocol import KeyPair
 from tiny_models import QWEN_EOS, QWEN_VOCAB_SIZE, build_tiny_qwen2, tiny_qwen2_config
 
 __all__ = ["QWEN_EOS", "QWEN_VOCAB_SIZE", "build_tiny_qwen2", "tiny_qwen2_config"]
@@ -27,3 +28,14 @@ def tiny_hf_dir(tmp_path_factory: pytest.TempPathFactory, tiny_hf_model) -> Path
     path = tmp_path_factory.mktemp("tiny-qwen2")
     tiny_hf_model.save_pretrained(path)
     return path
+
+
+# One static key pair per side for every test that runs a server and a client.
+@pytest.fixture(scope="session")
+def server_keys() -> KeyPair:
+    return KeyPair.generate()
+
+
+@pytest.fixture(scope="session")
+def client_keys() -> KeyPair:
+    return KeyPair.generate()

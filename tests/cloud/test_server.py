@@ -30,16 +30,6 @@ from tether.protocol import SamplingParams as WireSampling
 PROMPT = [5, 17, 42, 7, 99, 3]
 
 
-@pytest.fixture(scope="module")
-def server_keys() -> KeyPair:
-    return KeyPair.generate()
-
-
-@pytest.fixture(scope="module")
-def client_keys() -> KeyPair:
-    return KeyPair.generate()
-
-
 def _server(model, server_keys, client_keys, tokenizer=None, **cfg):  # type: ignore[no-untyped-def]
     m = SessionManager(model, tokenizer=tokenizer, config=CloudConfig(**cfg))
     return CloudServer(m, keys=server_keys, allowlist=[client_keys.public], http_port=0)

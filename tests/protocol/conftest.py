@@ -12,16 +12,6 @@ from protocolkit import Pair, echo_handler, make_pair
 from tether.protocol import KeyPair, ServerConnection, serve
 
 
-@pytest.fixture(scope="session")
-def server_keys() -> KeyPair:
-    return KeyPair.generate()
-
-
-@pytest.fixture(scope="session")
-def client_keys() -> KeyPair:
-    return KeyPair.generate()
-
-
 @pytest.fixture
 def pair(server_keys: KeyPair, client_keys: KeyPair) -> Pair:
     return make_pair(server_keys, client_keys)

@@ -15,7 +15,6 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "cloud"))
 
 from cloudkit import build_byte_tokenizer, build_tiny_byte_model  # noqa: E402
 from tests.edge.conftest import noisy_copy  # noqa: E402
-from tether.protocol import KeyPair  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -41,16 +40,6 @@ def edge(edge_hf, byte_tok):  # type: ignore[no-untyped-def]
     model = EdgeModel(TorchCausalLM(edge_hf, name="tiny-edge"), byte_tok)
     yield model
     model.close()
-
-
-@pytest.fixture(scope="session")
-def server_keys() -> KeyPair:
-    return KeyPair.generate()
-
-
-@pytest.fixture(scope="session")
-def client_keys() -> KeyPair:
-    return KeyPair.generate()
 
 
 @pytest.fixture
