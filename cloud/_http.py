@@ -378,7 +378,11 @@ class HttpCloudSession:
         tok = self._tokenizer
         if tok is None:
             raise UnsupportedOperation("generate on a generic engine needs a tokenizer to return token ids")
-        body = {**body, "stream": False}
+        # Send the committed sequence as text: llama.cpp's server (like many generic engines)
+        # accepts only string prompts and rejects a token-id list. Special tokens stay in
+        # the text; llama.cpp parses them back when tokenizing the prompt.
+        prompt = tok.decode(body["prompt"], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        body = {**body, "stream": False, "prompt": prompt}
         data = await self._post("/v1/completions", body)
         try:
             text = data["choices"][0]["text"]

@@ -151,6 +151,30 @@ async def test_generic_engine_reports_capabilities(endpoint, byte_tokenizer) -> 
         assert chunks[-1].finish_reason in ("stop", "length")
 
 
+async def test_generic_engine_sends_a_text_prompt(byte_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """llama.cpp's server takes only string prompts (a token-id list fails validation with a 500)."""
+    seen: list[dict[str, object]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"object": "list", "data": [{"id": "model.gguf"}]})
+        body = json.loads(request.content)
+        seen.append(body)
+        if not isinstance(body["prompt"], str):
+            return httpx.Response(500, json={"error": {"message": "prompt: Input should be a valid string"}})
+        return httpx.Response(200, json={"choices": [{"text": "ok", "finish_reason": "length"}]})
+
+    prompt = "<|im_start|>user\nhi<|im_end|>\n"
+    ids = byte_tokenizer.encode(prompt, add_special_tokens=False)
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as c:
+        async with HttpCloudSession("http://llama", engine="generic", tokenizer=byte_tokenizer, client=c) as s:
+            await s.open()
+            await s.append(ids)
+            chunks = [c async for c in s.generate(2)]
+    assert seen[0]["prompt"] == prompt
+    assert [t for ch in chunks for t in ch.token_ids] == byte_tokenizer.encode("ok", add_special_tokens=False)
+    assert s.length == len(ids) + 2
+
 async def test_openai_completions_echo_logprobs_and_streaming(endpoint, tiny_lm) -> None:  # type: ignore[no-untyped-def]
     url, _ = endpoint
     h = {"Authorization": "Bearer sekrit"}
