@@ -45,6 +45,7 @@ async def _serve_both(private_key: bytes, client_key: bytes, pipe: Pipe) -> None
     from websockets.asyncio.server import serve as ws_serve
 
     from tether.protocol import (
+        AdmissionLimits,
         Appended,
         AppendTokens,
         ContinueHidden,
@@ -75,9 +76,12 @@ async def _serve_both(private_key: bytes, client_key: bytes, pipe: Pipe) -> None
         await conn.serve_requests(on_request)
 
     limits = Limits(max_frame_bytes=4 * 1024 * 1024)
+    # The benchmark measures the channel, not admission control: lift the per-client rate
+    # limit (default 500 requests/s), which the 4 KiB rounds would otherwise hit.
+    admission = AdmissionLimits(requests_per_second=1e9, burst=1_000_000)
     tether_server = await serve(
         handle, "127.0.0.1", 0, server_keys=KeyPair.from_private_bytes(private_key),
-        allowlist=[PublicKey(client_key)], limits=limits,
+        allowlist=[PublicKey(client_key)], limits=limits, admission=admission,
     )
     async with ws_serve(plain, "127.0.0.1", 0, compression=None, max_size=None, ping_interval=None) as plain_server:
         plain_port = next(iter(plain_server.sockets)).getsockname()[1]
@@ -121,6 +125,7 @@ async def _measure(ports: tuple[int, int], server_public: bytes, client_private:
         connect,
         encode_frame,
     )
+    from tether.protocol._driver import _FRAGMENT_BYTES as FRAGMENT_BYTES
     from tether.protocol._transport import RECORD_OVERHEAD
 
     tether_url, plain_url = f"ws://127.0.0.1:{ports[0]}", f"ws://127.0.0.1:{ports[1]}"
@@ -192,16 +197,19 @@ async def _measure(ports: tuple[int, int], server_public: bytes, client_private:
         "request_frame_bytes": encode_frame(request).size + RECORD_OVERHEAD,
     }
 
-    # ---- throughput: alternate tether and plain rounds, so load from anything else
-    # running on the machine affects both alike; report medians over the rounds.
+    # ---- throughput: rotate tether, plain and plain-fragmented rounds, so load from anything
+    # else running on the machine affects all alike; report medians over the rounds.
+    # "Plain fragmented" sends the same payload in the fragments tether uses for large
+    # records, to show what of the difference is the fragmentation rather than the channel.
     for label, nbytes in SIZES.items():
         count = max(1 if smoke else 16, volume[label] // nbytes // rounds)
         hidden = np.random.default_rng(0).standard_normal(nbytes // 4, dtype=np.float32).reshape(-1, 1024)
         message = ContinueHidden(session_id="bench", layer=12, hidden=Tensor.from_numpy(hidden))
         payload = hidden.tobytes()
         assert len(payload) == nbytes
-        task = progress.add_task(f"throughput {label}", total=2 * count * rounds)
-        tether_rates, plain_rates = [], []
+        fragmented = nbytes > FRAGMENT_BYTES
+        task = progress.add_task(f"throughput {label}", total=(3 if fragmented else 2) * count * rounds)
+        rates: dict[str, list[float]] = {"tether": [], "plain": [], "plain_fragmented": []}
         async with await connect(tether_url, keys, server_public_key=server_key, limits=limits) as conn, \
                 ws_connect(plain_url, **plain_kwargs) as ws:
             window = asyncio.Semaphore(WINDOW)
@@ -216,8 +224,9 @@ async def _measure(ports: tuple[int, int], server_public: bytes, client_private:
                 await asyncio.gather(*(one() for _ in range(count)))
                 return count * nbytes / (time.perf_counter() - start) / 1e6
 
-            async def plain_round() -> float:
+            async def plain_round(fragment: bool) -> float:
                 credits = asyncio.Semaphore(WINDOW)
+                view = memoryview(payload)
 
                 async def receiver() -> None:
                     for _ in range(count):
@@ -229,26 +238,33 @@ async def _measure(ports: tuple[int, int], server_public: bytes, client_private:
                 reader = asyncio.create_task(receiver())
                 for _ in range(count):
                     await credits.acquire()
-                    await ws.send(payload)
+                    if fragment:
+                        await ws.send(view[i : i + FRAGMENT_BYTES] for i in range(0, nbytes, FRAGMENT_BYTES))
+                    else:
+                        await ws.send(payload)
                 await reader
                 return count * nbytes / (time.perf_counter() - start) / 1e6
 
+            measures: dict[str, Callable[[], Awaitable[float]]] = {
+                "tether": tether_round, "plain": lambda: plain_round(False),
+            }
+            if fragmented:
+                measures["plain_fragmented"] = lambda: plain_round(True)
             await asyncio.gather(*(conn.request(message) for _ in range(WINDOW)))  # warm up
             for _ in range(WINDOW):
                 await ws.send(payload)
                 await ws.recv()
+            names = list(measures)
             for index in range(rounds):
-                if index % 2 == 0:
-                    tether_rates.append(await tether_round())
-                    plain_rates.append(await plain_round())
-                else:
-                    plain_rates.append(await plain_round())
-                    tether_rates.append(await tether_round())
+                shift = index % len(names)
+                for name in names[shift:] + names[:shift]:
+                    rates[name].append(await measures[name]())
 
         frame = encode_frame(message)
+        tether_rates, plain_rates = rates["tether"], rates["plain"]
         ratios = [t / p for t, p in zip(tether_rates, plain_rates)]
         ours_rate, plain_rate = statistics.median(tether_rates), statistics.median(plain_rates)
-        results[f"throughput_{label}"] = {
+        entry: dict[str, Any] = {
             "rounds": rounds,
             "messages_per_round": count,
             "tensor_bytes": nbytes,
@@ -263,6 +279,15 @@ async def _measure(ports: tuple[int, int], server_public: bytes, client_private:
             "overhead_bytes_per_message": frame.size + RECORD_OVERHEAD - nbytes,
             "frame_bytes": frame.size,
         }
+        if fragmented:
+            frag_rates = rates["plain_fragmented"]
+            entry.update({
+                "fragment_bytes": FRAGMENT_BYTES,
+                "plain_fragmented_MBps": statistics.median(frag_rates),
+                "plain_fragmented_MBps_per_round": frag_rates,
+                "ratio_vs_plain_fragmented": statistics.median(t / f for t, f in zip(tether_rates, frag_rates)),
+            })
+        results[f"throughput_{label}"] = entry
 
     results["overhead"] = {
         "record_bytes": RECORD_OVERHEAD,
@@ -342,12 +367,29 @@ def _table(data: dict[str, Any]) -> list[str]:
             f"per-round ratios {rounds}) | {t['tether_MBps']:.0f} MB/s ({t['tether_messages_per_s']:.0f} msg/s) | "
             f"{t['plain_websockets_MBps']:.0f} MB/s ({t['plain_messages_per_s']:.0f} msg/s) | {t['ratio']:.2f}x |"
         )
+        if "plain_fragmented_MBps" in t:
+            kib = t["fragment_bytes"] // 1024
+            lines.append(
+                f"| same, plain websockets also sending {kib} KiB fragments (as tether does) | "
+                f"{t['tether_MBps']:.0f} MB/s | {t['plain_fragmented_MBps']:.0f} MB/s | "
+                f"{t['ratio_vs_plain_fragmented']:.2f}x |"
+            )
     t1 = r["throughput_1MiB"]
-    lines += [
-        "",
+    lines.append("")
+    if "ratio_vs_plain_fragmented" not in t1:  # runs saved before the fragmented baseline existed
+        verdict = "**met**" if t1["ratio"] >= 0.8 else "**not met**"
+        lines.append(f"Target, 1 MiB throughput >= 0.8x plain websockets: {verdict} ({t1['ratio']:.2f}x).")
+        return lines
+    # Judge by the stricter baseline: plain websockets sending one frame per message swings
+    # between rounds (see the note below the tables), the fragmented sender does not.
+    strict = min(t1["ratio"], t1["ratio_vs_plain_fragmented"])
+    per_round = t1["plain_websockets_MBps_per_round"]
+    lines.append(
         "Target, 1 MiB throughput >= 0.8x plain websockets: "
-        + ("**met**" if t1["ratio"] >= 0.8 else "**not met**") + f" ({t1['ratio']:.2f}x).",
-    ]
+        + ("**met**" if strict >= 0.8 else "**not met**")
+        + f" ({strict:.2f}x against the faster plain sender; {t1['ratio']:.2f}x against one frame per "
+        f"message, whose rounds ranged {min(per_round):.0f}-{max(per_round):.0f} MB/s)."
+    )
     return lines
 
 
@@ -373,7 +415,18 @@ def render_markdown(data: dict[str, Any], others: list[dict[str, Any]] | None = 
         f"tensor descriptors (16 bytes + 4 per dimension), JSON metadata and 8-byte alignment. For the "
         f"tensor messages above that is {t4['overhead_bytes_per_message']} bytes per message at 4 KiB and "
         f"{t1['overhead_bytes_per_message']} at 1 MiB; the 8-token request is {o['small_request_bytes']} "
-        f"bytes for {o['small_request_payload_bytes']} bytes of token ids.",
+        f"bytes for {o['small_request_payload_bytes']} bytes of token ids. A record over 64 KiB also "
+        "takes one websocket frame header per further 64 KiB fragment (14 bytes from a client, 10 from a "
+        "server): 210 bytes per MiB uploaded.",
+        "",
+        "Reading the throughput rows: plain websockets sending a 1 MiB message as one frame allocates, "
+        "masks and copies 1 MiB buffers; depending on whether glibc's malloc hands it freshly mapped pages "
+        "(about 480 page faults per message) or reuses heap memory, the same loop runs at about 0.9 or "
+        "3-4 GB/s, and it flips between rounds of one run. Tether sends records over 64 KiB as 64 KiB "
+        "websocket fragments, which never hits that path, so it is steady; the fair comparison for the "
+        "channel's own cost (ChaCha20-Poly1305 on both ends, about 0.2 ms per MiB each at 5 GB/s and "
+        "holding the GIL, plus one copy into the record and request/reply correlation) is the plain sender "
+        "using the same fragments.",
         "",
         "Reproduce: `tether bench protocol` (add `--label NAME` to save a run from another machine as "
         "`benchmarks/results/protocol-NAME.json`, listed here after this machine's).",

@@ -116,21 +116,13 @@ class CipherState:
         self._aead.encrypt_into(self._next_nonce(), plaintext, b"", out)
         self.n += 1
 
-    def decrypt_into(self, ciphertext: memoryview, out: memoryview) -> None:
-        """Decrypt (empty AD) into `out` (len(ciphertext) - 16 bytes). Raises InvalidTag."""
+    def decrypt_into(self, ciphertext: memoryview, out: Any) -> None:
+        """Decrypt (empty AD) into `out`, any writable buffer of len(ciphertext) - 16 bytes.
+
+        Raises InvalidTag (the nonce then stays unchanged)."""
         assert self._aead is not None, "transport cipher without a key"
         self._aead.decrypt_into(self._next_nonce(), ciphertext, b"", out)
         self.n += 1
-
-    @property
-    def aead(self) -> ChaCha20Poly1305 | None:
-        """The current key's AEAD object (immutable; safe to use from another thread)."""
-        return self._aead
-
-    @staticmethod
-    def decrypt_at(aead: ChaCha20Poly1305, nonce: int, ciphertext: memoryview, out: Any) -> None:
-        """Decrypt with an explicit nonce (pipelined receivers). Raises InvalidTag."""
-        aead.decrypt_into(_NONCE.pack(nonce), ciphertext, b"", out)
 
     def rekey(self) -> None:
         """Rekey() of §4.2: k = first 32 bytes of ENCRYPT(k, maxnonce, zerolen, zeros[32])."""

@@ -146,11 +146,20 @@ class Connection:
             assert self._driver.close_exc is not None
             raise self._driver.close_exc
 
+    async def _flush(self) -> None:
+        """Send what is queued; if the websocket is already closed, raise the connection's
+        typed error (PeerClosed with the server's close code...), never a websockets one."""
+        try:
+            await self._driver.flush()
+        except ConnectionClosed:
+            await self._driver.closed.wait()  # the reader turns the close into that error
+            self._check_open()
+
     async def _start(self, message: Message, waiter: asyncio.Future[Message] | asyncio.Queue[Any]) -> int:
         self._check_open()
         request_id = self._protocol.send_request(message)
         self._waiters[request_id] = waiter
-        await self._driver.flush()
+        await self._flush()
         return request_id
 
     def _cancel(self, request_id: int) -> None:

@@ -1,6 +1,6 @@
 """The asyncio driver of one connection: feeds a websocket into a sans-I/O protocol.
 
-What belongs here: tasks, timers, futures and worker threads around one ClientProtocol or
+What belongs here: tasks, timers and futures around one ClientProtocol or
 ServerProtocol; nothing the protocol decides. Peer misbehaviour never escapes as an
 exception: it closes the connection with the error's close code and logs one line, without
 the error text going on the wire.
@@ -9,12 +9,10 @@ the error text going on the wire.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import logging
-import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from tether.protocol._errors import ChannelError, CloseCode, ProtocolError, UsageError
@@ -22,7 +20,7 @@ from tether.protocol._frames import EncodedFrame
 from tether.protocol._limits import Limits
 from tether.protocol._link import Shaper
 from tether.protocol._session import ClientProtocol, ServerProtocol, State
-from tether.protocol._transport import RECORD_OVERHEAD, Transport
+from tether.protocol._transport import RECORD_OVERHEAD
 from tether.protocol._ws import ConnectionClosed, WebSocket, close_info, raise_message_limit
 
 log = logging.getLogger("tether.protocol")
@@ -50,20 +48,13 @@ def _code_name(code: int | None) -> str:
         return str(code)
 
 
-_OFFLOAD_BYTES = 256 * 1024  # records at least this large are encrypted/decrypted off the loop
 _CLOSE_FLUSH_S = 5.0  # how long a closing connection may take to send its last records
-_PIPELINE_DEPTH = 8  # received records checked and being decrypted ahead of the consumer
-_POOL: concurrent.futures.ThreadPoolExecutor | None = None
-
-
-def _crypto_pool() -> concurrent.futures.ThreadPoolExecutor:
-    """Threads for ChaCha20-Poly1305 on large records (`cryptography` releases the GIL there)."""
-    global _POOL
-    if _POOL is None:
-        _POOL = concurrent.futures.ThreadPoolExecutor(
-            max_workers=min(8, os.cpu_count() or 2), thread_name_prefix="tether-crypto"
-        )
-    return _POOL
+# Records larger than this go out as websocket fragments of this size. Measured on
+# loopback (docs/benchmarks.md): a 1 MiB frame makes the websockets client allocate, mask and
+# copy 1 MiB buffers that glibc maps fresh every time (about 480 page faults per message);
+# 64 KiB fragments stay under malloc's mmap threshold and in cache, and the receiver's
+# message limit still counts the whole message.
+_FRAGMENT_BYTES = 64 * 1024
 
 
 class _Driver:
@@ -87,7 +78,6 @@ class _Driver:
         self._out_queue: asyncio.Queue[tuple[float, bytes | bytearray] | None] | None = None
         self._out_task: asyncio.Task[None] | None = None
         self._in_queue: asyncio.Queue[tuple[float, bytes] | None] | None = None
-        self._pipeline: asyncio.Queue[Any] = asyncio.Queue()
         self._tasks: set[asyncio.Task[None]] = set()
         self._lost_exc: ConnectionClosed | None = None
         self.on_events: Callable[[list[Any]], None] = lambda events: None
@@ -136,38 +126,25 @@ class _Driver:
     async def _sender(self) -> None:
         """Seal and send queued output in order, forever (cancelled when the connection ends).
 
-        Large frames are sealed in a worker thread (`cryptography` releases the GIL), and the
-        next frame is sealed while the previous record is being written, so encryption
-        overlaps the websocket's own work. Sealing stays sequential (nonce order).
+        Sealing happens on the event loop: `cryptography`'s AEAD holds the GIL, so a worker
+        thread would add hand-offs without adding parallelism.
         """
-        loop = asyncio.get_running_loop()
         while True:
             waiters: list[asyncio.Future[None]] = []
             error: BaseException | None = None
-            sending: asyncio.Future[None] | None = None
             try:
                 await self._kick.wait()
                 self._kick.clear()
                 waiters, self._flush_waiters = self._flush_waiters, []
                 for item in self.protocol.pending_output():
-                    if not isinstance(item, EncodedFrame):
-                        records: list[Any] = [item]
-                    elif item.size >= _OFFLOAD_BYTES:
-                        records = await loop.run_in_executor(_crypto_pool(), self.protocol.seal, item)
-                    else:
-                        records = self.protocol.seal(item)
-                    if sending is not None:
-                        await sending
-                    sending = asyncio.ensure_future(self._send_records(records))
-                if sending is not None:
-                    await sending
+                    records = self.protocol.seal(item) if isinstance(item, EncodedFrame) else [item]
+                    for record in records:
+                        await self._send_record(record)
             except ConnectionClosed as exc:
                 error = exc
             except asyncio.CancelledError:
                 # Only `_finish` cancels the sender: the connection is over, so release every
                 # flush() caller (they learn the outcome from their own reply waiters).
-                if sending is not None:
-                    sending.cancel()
                 self._release_flush_waiters(waiters)
                 raise
             for waiter in waiters:
@@ -183,19 +160,23 @@ class _Driver:
             if not waiter.done():
                 waiter.set_result(None)
 
-    async def _send_records(self, records: list[Any]) -> None:
-        for record in records:
-            await self._send_record(record)
-
     async def _send_record(self, record: bytes | bytearray) -> None:
         self.bytes_sent += len(record)
         if self._out_shaper is None:
-            await self.ws.send(record)
+            await self._ws_send(record)
             return
         if self._out_queue is None:
             self._out_queue = asyncio.Queue()
             self._out_task = asyncio.get_running_loop().create_task(self._out_pump())
         self._out_queue.put_nowait((self._out_shaper.schedule(len(record), time.monotonic()), record))
+
+    async def _ws_send(self, record: bytes | bytearray) -> None:
+        """One record as one websocket message, fragmented when large (see _FRAGMENT_BYTES)."""
+        if len(record) <= _FRAGMENT_BYTES:
+            await self.ws.send(record)
+            return
+        view = memoryview(record)
+        await self.ws.send(view[start : start + _FRAGMENT_BYTES] for start in range(0, len(view), _FRAGMENT_BYTES))
 
     async def _out_pump(self) -> None:
         assert self._out_queue is not None
@@ -208,7 +189,7 @@ class _Driver:
                 delay = at - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                await self.ws.send(record)
+                await self._ws_send(record)
 
     async def _drain_out(self, timeout: float = 10.0) -> None:
         """Wait until emulated-link sends are on the wire (before closing)."""
@@ -230,19 +211,11 @@ class _Driver:
         return data
 
     def start(self) -> None:
-        """Start the background reader, the in-order consumer and the timer (after the handshake).
-
-        Receiving is a pipeline: the reader checks each record's header as it arrives and
-        starts decrypting large ones in a worker thread; the consumer finishes records in
-        arrival order. Several large records are decrypted at once while the event loop
-        keeps reading.
-        """
-        self._pipeline = asyncio.Queue(maxsize=_PIPELINE_DEPTH)
+        """Start the background reader and the timer (after the handshake)."""
         if self._in_shaper is not None:
             self._in_queue = asyncio.Queue()
             self._spawn(self._deliver())
         self._spawn(self._reader())
-        self._spawn(self._consumer())
         self._spawn(self._timer())
 
     async def _reader(self) -> None:
@@ -261,9 +234,9 @@ class _Driver:
         except ConnectionClosed as exc:
             self._lost_exc = exc
             if self._in_queue is not None:
-                self._in_queue.put_nowait(None)  # the deliverer forwards the end after queued messages
+                self._in_queue.put_nowait(None)  # the deliverer ends the connection after queued records
             else:
-                await self._pipeline.put(None)
+                self._lost()
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug here must not take the server down
@@ -273,63 +246,47 @@ class _Driver:
     async def _deliver(self) -> None:
         """Emulated downlink: hand records on at their arrival time."""
         assert self._in_queue is not None
-        while True:
-            item = await self._in_queue.get()
-            if item is None:
-                await self._pipeline.put(None)
-                return
-            at, data = item
-            delay = at - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            if not await self._ingest(data):
-                return
-
-    async def _ingest(self, data: bytes) -> bool:
-        """Check a record's header now and start decrypting it; the consumer finishes it."""
-        try:
-            prepared = self.protocol.prepare_record(data)
-        except ChannelError as exc:
-            await self.abort(exc, already_failed=True)
-            return False
-        future: asyncio.Future[Any] | None = None
-        if len(data) >= _OFFLOAD_BYTES:
-            future = asyncio.get_running_loop().run_in_executor(_crypto_pool(), Transport.decrypt_prepared, prepared)
-        await self._pipeline.put((prepared, future))
-        return True
-
-    async def _consumer(self) -> None:
-        protocol = self.protocol
         try:
             while True:
-                item = await self._pipeline.get()
+                item = await self._in_queue.get()
                 if item is None:
                     self._lost()
                     return
-                prepared, future = item
-                outcome = await future if future is not None else Transport.decrypt_prepared(prepared)
-                try:
-                    events = protocol.receive_prepared(prepared, outcome)
-                except ChannelError as exc:
-                    await self.abort(exc, already_failed=True)
-                    return
-                if events:
-                    self.on_events(events)
-                if protocol.has_data_to_send():
-                    with contextlib.suppress(ConnectionClosed):
-                        await self.flush()
-                if protocol.state is State.CLOSED:
-                    # The peer said Goodbye: echo its code on the websocket and finish.
-                    code = protocol.close_code or int(CloseCode.NORMAL)
-                    self._finish(protocol.connection_lost(code, _code_name(code)), code)
-                    with contextlib.suppress(Exception):
-                        await self.ws.close(code, _code_name(code))
+                at, data = item
+                delay = at - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                if not await self._ingest(data):
                     return
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.exception("%s: consumer failed", self.describe)
+            log.exception("%s: delivery failed", self.describe)
             await self.abort(ChannelError(f"internal error: {type(exc).__name__}"), code=CloseCode.INTERNAL_ERROR)
+
+    async def _ingest(self, data: bytes) -> bool:
+        """Decrypt and handle one record, in arrival order; False once the connection is over."""
+        protocol = self.protocol
+        try:
+            events = protocol.receive_data(data)
+        except ChannelError as exc:
+            await self.abort(exc, already_failed=True)
+            return False
+        if events:
+            self.on_events(events)
+        if protocol.has_data_to_send():
+            # Waiting here backpressures a peer whose requests produce replies faster than
+            # it reads them.
+            with contextlib.suppress(ConnectionClosed):
+                await self.flush()
+        if protocol.state is State.CLOSED:
+            # The peer said Goodbye: echo its code on the websocket and finish.
+            code = protocol.close_code or int(CloseCode.NORMAL)
+            self._finish(protocol.connection_lost(code, _code_name(code)), code)
+            with contextlib.suppress(Exception):
+                await self.ws.close(code, _code_name(code))
+            return False
+        return True
 
     async def _timer(self) -> None:
         protocol = self.protocol

@@ -48,7 +48,7 @@ from tether.protocol._messages import (
     Pong,
     Welcome,
 )
-from tether.protocol._transport import PreparedRecord, Transport
+from tether.protocol._transport import Transport
 
 __all__ = [
     "CancelReceived",
@@ -198,15 +198,15 @@ class _ProtocolBase:
     def pending_output(self) -> list[bytes | bytearray | EncodedFrame]:
         """Output in order: ready records, and frames to pass through `seal()` in this order.
 
-        For adapters that seal large frames in a worker thread; `data_to_send()` is the
-        simple alternative. The caller must seal every frame, in order, before taking more.
+        For adapters that seal each frame just before writing it (no sealed copy of the
+        whole backlog in memory); `data_to_send()` is the simple alternative. The caller
+        must seal every frame, in order, before taking more.
         """
         out, self._outbox = self._outbox, []
         return out
 
     def seal(self, frame: EncodedFrame) -> list[bytearray]:
-        """Encrypt one queued frame into its record(s) (a Rekey record may follow). Touches
-        only the sending cipher, so it may run in a worker thread while the loop receives."""
+        """Encrypt one queued frame into its record(s) (a Rekey record may follow)."""
         assert self.transport is not None
         return self.transport.seal(frame)
 
@@ -260,47 +260,6 @@ class _ProtocolBase:
 
     def _handshake_done(self, result: HandshakeResult) -> None:
         raise NotImplementedError
-
-    def prepare_record(self, data: bytes | bytearray | memoryview) -> PreparedRecord:
-        """Pipelined receiving, step 1 (in arrival order): check a record's header.
-
-        Adapters that decrypt large records in worker threads call `prepare_record` for each
-        record as it arrives, `decrypt_prepared` anywhere (thread-safe), then
-        `receive_prepared` in arrival order. `receive_data` does all three at once.
-
-        Raises:
-            FrameTruncated, FrameReplayed, FrameReordered, FrameTooLarge, ProtocolError:
-            the state is CLOSED afterwards.
-        """
-        if self.state is State.HANDSHAKE or self.transport is None:
-            raise UsageError("prepare_record before the handshake is complete")
-        try:
-            return self.transport.prepare(data)
-        except ChannelError as exc:
-            self._fail(exc)
-            raise
-
-    @staticmethod
-    def decrypt_prepared(prepared: PreparedRecord) -> Any:
-        """Step 2 (any thread): decrypt; failures are returned, not raised."""
-        return Transport.decrypt_prepared(prepared)
-
-    def receive_prepared(self, prepared: PreparedRecord, outcome: Any) -> list[Event]:
-        """Step 3 (arrival order): decode and update the state; returns the events."""
-        if self.state is State.CLOSED:
-            return []
-        try:
-            assert self.transport is not None
-            self._receive_decoded(self.transport.finish(prepared, outcome))
-        except ChannelError as exc:
-            self._fail(exc)
-            raise
-        events, self._events = self._events, []
-        return events
-
-    def fail(self, exc: ChannelError) -> None:
-        """Close because of `exc` (for adapters that detect errors themselves)."""
-        self._fail(exc)
 
     def _receive_record(self, data: bytes | bytearray | memoryview) -> None:
         assert self.transport is not None

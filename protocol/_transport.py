@@ -14,9 +14,6 @@ Encryption uses empty associated data, exactly Noise's transport messages.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
-from typing import Any
-
 import numpy as np
 
 from tether.protocol._cipher import MAX_NONCE, TAG_LEN, CipherState, InvalidTag
@@ -32,21 +29,11 @@ from tether.protocol._frames import HEADER, EncodedFrame, Frame, decode_frame, e
 from tether.protocol._limits import Limits, RekeyPolicy
 from tether.protocol._messages import Rekey
 
-__all__ = ["RECORD_HEADER", "RECORD_OVERHEAD", "PreparedRecord", "Transport"]
+__all__ = ["RECORD_HEADER", "RECORD_OVERHEAD", "Transport"]
 
 RECORD_HEADER = struct.Struct("<QI")
 RECORD_OVERHEAD = RECORD_HEADER.size + TAG_LEN  # 28 bytes around each frame
 MIN_CIPHERTEXT = HEADER.size + TAG_LEN
-
-
-@dataclass(frozen=True, slots=True)
-class PreparedRecord:
-    """A record whose header passed the checks: its counter (nonce), ciphertext and the key
-    (AEAD object) current when it was prepared."""
-
-    counter: int
-    ciphertext: memoryview
-    aead: Any
 
 
 class Transport:
@@ -70,7 +57,6 @@ class Transport:
         self.rekeys_received = 0
         self.records_sent = 0
         self.records_received = 0
-        self._receive_next = receive.n  # next counter to prepare (may run ahead of finish)
 
     @property
     def send_counter(self) -> int:
@@ -111,21 +97,15 @@ class Transport:
         return self.seal_encoded(EncodedFrame(bytes(plaintext), (), len(plaintext)))
 
     def open(self, record: bytes | bytearray | memoryview) -> Frame | None:
-        """Decrypt and decode one record. Returns None for a Rekey record (handled here).
+        """Check, decrypt and decode one record. Returns None for a Rekey record (handled here).
+
+        Every check on the clear header (size limit, counter, declared length) happens before
+        the plaintext buffer is allocated.
 
         Raises:
             FrameTruncated, FrameReplayed, FrameReordered, FrameTampered, FrameTooLarge,
             and the frame decoding errors of `decode_frame`. After any of them the
             connection must be closed: the receive state is no longer trustworthy.
-        """
-        prepared = self.prepare(record)
-        return self.finish(prepared, self.decrypt_prepared(prepared))
-
-    def prepare(self, record: bytes | bytearray | memoryview) -> PreparedRecord:
-        """Check a record's header (limits, counter, length) and reserve its nonce.
-
-        Records must be prepared in arrival order; they may then be decrypted in parallel
-        (`decrypt_prepared`, thread-safe) and must be finished in the same order (`finish`).
         """
         view = memoryview(record)
         size = len(view)
@@ -134,7 +114,7 @@ class Transport:
         counter, length = RECORD_HEADER.unpack_from(view, 0)
         if length > self.limits.max_frame_bytes + TAG_LEN:
             raise FrameTooLarge(length - TAG_LEN, self.limits.max_frame_bytes)
-        expected = self._receive_next
+        expected = self._receive.n
         if counter < expected:
             raise FrameReplayed(counter, expected)
         if counter > expected:
@@ -148,35 +128,13 @@ class Transport:
             raise ProtocolError(f"record declares {length} bytes, less than the minimum {MIN_CIPHERTEXT}")
         if counter >= MAX_NONCE:
             raise ProtocolError("record counter exhausted the nonce space")
-        self._receive_next = counter + 1
-        aead = self._receive.aead
-        assert aead is not None
-        return PreparedRecord(counter, view[RECORD_HEADER.size :], aead)
-
-    @staticmethod
-    def decrypt_prepared(prepared: PreparedRecord) -> np.ndarray | FrameTampered:
-        """Decrypt a prepared record with the key it was prepared under (thread-safe).
-
-        Returns the plaintext (a fresh buffer decoded tensors will view), or the
-        FrameTampered error instead of raising it: `finish` decides, since a record that
-        follows a Rekey still in flight was prepared under the old key.
-        """
-        plaintext = np.empty(len(prepared.ciphertext) - TAG_LEN, dtype=np.uint8)  # fully overwritten
+        plaintext = np.empty(length - TAG_LEN, dtype=np.uint8)  # fully overwritten; decoded tensors view it
         try:
-            CipherState.decrypt_at(prepared.aead, prepared.counter, prepared.ciphertext, plaintext)
+            self._receive.decrypt_into(view[RECORD_HEADER.size :], plaintext)
         except InvalidTag:
-            return FrameTampered(f"record {prepared.counter} failed authentication")
-        return plaintext
-
-    def finish(self, prepared: PreparedRecord, outcome: np.ndarray | FrameTampered) -> Frame | None:
-        """Decode a decrypted record, in order. Returns None for a Rekey (handled here)."""
-        if prepared.aead is not self._receive.aead:
-            outcome = self.decrypt_prepared(PreparedRecord(prepared.counter, prepared.ciphertext, self._receive.aead))
-        if isinstance(outcome, FrameTampered):
-            raise outcome
-        self._receive.n = prepared.counter + 1
+            raise FrameTampered(f"record {counter} failed authentication") from None
         self.records_received += 1
-        frame = decode_frame(outcome, self.limits)
+        frame = decode_frame(plaintext, self.limits)
         if isinstance(frame.message, Rekey):
             if frame.request_id or frame.flags:
                 raise ProtocolError("Rekey frames carry no request id or flags")
