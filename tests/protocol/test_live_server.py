@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import hashlib
 import ipaddress
 import logging
 import ssl
@@ -274,6 +275,62 @@ async def test_oversize_frame_closes_with_its_code(live_server: Any, server_keys
     # Far past the limit, the websocket layer refuses the message before it is buffered.
     raw = await RawClient.open(server.url, client_keys, server_keys.public)
     await raw.send(bytes(64 * 1024 + 28 + 1024 * 1024 + 1))
+    assert await raw.close_code() == CloseCode.MESSAGE_TOO_BIG
+    await _serves_normally(server, client_keys, server_keys)
+
+
+async def test_large_records_cross_as_fragments_and_arrive_whole(live_server: Any, server_keys: KeyPair,
+                                                                 client_keys: KeyPair) -> None:
+    # A 1.2 MB frame crosses as 64 KiB websocket fragments (see the next test) and must be
+    # reassembled exactly, in both directions' limits, with a rekey in the middle.
+    big_limits = Limits(max_frame_bytes=4 * 1024 * 1024, max_tensor_elements=1 << 20)
+
+    async def digest(request: Request) -> Any:
+        tokens = request.message.tokens
+        return Appended(session_id=hashlib.sha256(tokens.tobytes()).hexdigest()[:32], length=int(tokens.shape[0]))
+
+    async def handle(conn: ServerConnection) -> None:
+        await conn.serve_requests(digest)
+
+    server = await live_server(handle, limits=big_limits)
+    tokens = np.random.default_rng(0).integers(0, 150_000, 300_001, dtype=np.int32)
+    async with await open_client(server, client_keys, server_keys, limits=big_limits,
+                                 rekey=RekeyPolicy(messages=2)) as conn:
+        for _ in range(3):
+            reply = await conn.request(AppendTokens(session_id="s", tokens=tokens))
+            assert reply == Appended(session_id=hashlib.sha256(tokens.tobytes()).hexdigest()[:32], length=300_001)
+
+
+async def test_records_over_64_kib_are_sent_as_64_kib_fragments() -> None:
+    from tether.protocol._driver import _FRAGMENT_BYTES, _Driver
+
+    class RecordingSocket:  # test double: captures what the driver hands to websockets
+        def __init__(self) -> None:
+            self.sent: list[Any] = []
+
+        async def send(self, message: Any) -> None:
+            self.sent.append(message if isinstance(message, (bytes, bytearray)) else [bytes(m) for m in message])
+
+    ws = RecordingSocket()
+    driver = _Driver(ws, ServerProtocol.__new__(ServerProtocol), shapers=(None, None), describe="test")  # type: ignore[arg-type]
+    small, large = bytearray(b"s" * _FRAGMENT_BYTES), bytearray(np.arange(200_000, dtype=np.uint8).tobytes())
+    await driver._ws_send(small)
+    await driver._ws_send(large)
+    assert ws.sent[0] == small
+    fragments = ws.sent[1]
+    assert [len(f) for f in fragments] == [_FRAGMENT_BYTES] * 3 + [200_000 - 3 * _FRAGMENT_BYTES]
+    assert b"".join(fragments) == large
+
+
+async def test_fragmented_oversize_message_is_refused_on_its_total(live_server: Any, server_keys: KeyPair,
+                                                                   client_keys: KeyPair) -> None:
+    # The websocket layer's cap counts all fragments of a message, so fragmenting cannot
+    # smuggle a message past it.
+    server = await live_server(handler_for(Service()), limits=Limits(max_frame_bytes=64 * 1024))
+    raw = await RawClient.open(server.url, client_keys, server_keys.public)
+    cap = 64 * 1024 + 28 + 1024 * 1024
+    fragment = bytes(64 * 1024)
+    await raw.ws.send(fragment for _ in range(cap // len(fragment) + 1))
     assert await raw.close_code() == CloseCode.MESSAGE_TOO_BIG
     await _serves_normally(server, client_keys, server_keys)
 
