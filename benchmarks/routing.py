@@ -554,7 +554,7 @@ def markdown(report: dict[str, Any]) -> str:
               "differences between routers are mostly within noise (see the APGR intervals)."]
     lines += ["", "### Targets", ""] + [f"- {x}" for x in report["targets"]]
     lines += ["", "![routing curves](routing_curves.png)", "",
-              "Reproduce: `flock /tmp/tether-bigmem.lock tether bench routing` (model outputs are cached under "
+              "Reproduce: `tether bench routing` (model outputs are cached under "
               "`benchmarks/results/routing_cache/`; `--report-only` rebuilds this section from the cache)."]
     return "\n".join(lines)
 

@@ -216,7 +216,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "benchmark": NAME,
         "conditions": {
-            "command": "flock /tmp/tether-bigmem.lock tether bench runtime " + " ".join(args.argv),
+            "command": "tether bench runtime " + " ".join(args.argv),
             "cpu": f"{_cpu_name()} ({platform.machine()}), {os.cpu_count()} cores",
             "threads": threads,
             "onnx_allow_spinning": args.allow_spinning,

@@ -8,7 +8,7 @@ committed output can be checked against that continuation. Every configuration r
 same process on the same loaded model; only the server's batching setting changes.
 
 Writes ``benchmarks/results/serve.json`` and the ``serve`` section of ``docs/benchmarks.md``.
-Run it under the shared memory lock: ``flock /tmp/tether-bigmem.lock tether bench serve``.
+It loads the 1.5B cloud model (about 7 GiB of memory in float32).
 """
 
 from __future__ import annotations
@@ -182,7 +182,7 @@ def _markdown(report: dict[str, Any]) -> str:
                   "so absolute numbers are noisy; batched and unbatched runs alternate to spread that noise."]
     for t in report["targets"]:
         lines.append(f"- {'met' if t['met'] else 'missed'}: {t['target']} — measured {t['measured']}")
-    lines += ["", f"Reproduce: `flock /tmp/tether-bigmem.lock {c['command']}`"]
+    lines += ["", f"Reproduce: `{c['command'].strip()}`"]
     return "\n".join(lines)
 
 
@@ -289,7 +289,7 @@ def register(bench_app: Any) -> None:
         "serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
         help="Cloud service throughput: verified tokens/s for 1/4/8 sessions, batching on vs off. "
              "Options (defaults): --sessions 1 4 8 --k 2 4 --rounds 4 --repeats 2 --corrupt 0.25 --window-ms 5 --threads N "
-             "--model NAME --out FILE --docs DIR --no-docs. Run under flock /tmp/tether-bigmem.lock.")
+             "--model NAME --out FILE --docs DIR --no-docs.")
     def serve(ctx: typer.Context) -> None:
         main(list(ctx.args))
 

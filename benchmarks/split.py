@@ -24,7 +24,7 @@ fits the shared machine's memory lock; run again to continue):
   section of docs/benchmarks.md.
 
 Run: ``python -m tether.benchmarks.split --stage all`` (or ``tether bench split``), each
-stage under ``flock /tmp/tether-bigmem.lock`` on a shared machine (~7.5 GiB).
+stage alone on a machine whose memory is shared (~7.5 GiB).
 """
 
 from __future__ import annotations
