@@ -291,23 +291,32 @@ async def _hostile(ctx: dict[str, Any], server: ServeProcess, progress: Any) -> 
     rss_before = server.rss_mb()
     cases = await run_malformed(ctx["url"], ctx["keys"][1], key, vocab=ctx["vocab"], hidden_size=ctx["hidden"],
                                 max_tokens=ctx["max_tokens"], model=ctx["model_name"])
-    task = progress.add_task("fuzz: frames", total=args.fuzz_frames)
+    # Repeated campaigns (different seeds) tell retained allocator memory, which levels off,
+    # from a leak, which grows by the same amount every time.
+    task = progress.add_task("fuzz: frames", total=args.fuzz_frames * args.fuzz_campaigns)
     t0 = time.perf_counter()
-    report = await fuzz_campaign(ctx["url"], ctx["keys"][2], key, frames=args.fuzz_frames, vocab=ctx["vocab"],
-                                 model=ctx["model_name"], seed=args.seed,
-                                 progress=lambda n: progress.advance(task, n))
-    fuzz_s = time.perf_counter() - t0
+    rss_after_campaigns: list[float] = []
+    unclean = 0
+    for campaign in range(args.fuzz_campaigns):
+        report = await fuzz_campaign(ctx["url"], ctx["keys"][2], key, frames=args.fuzz_frames, vocab=ctx["vocab"],
+                                     model=ctx["model_name"], seed=args.seed + campaign,
+                                     progress=lambda n: progress.advance(task, n))
+        rss_after_campaigns.append(round(server.rss_mb(), 1))
+        unclean += report.unclean
+    fuzz_s = (time.perf_counter() - t0) / args.fuzz_campaigns
     async with await EdgeClient.connect(ctx["url"], server_key=ctx["key"], edge_model=ctx["edge"],
                                         client_keys=ctx["keys"][3]) as client:
         after = await client.generate(ctx["prompts"][0], mode="speculative", max_new_tokens=args.tokens)
     return {
         "malformed": [{"case": c.name, "outcome": c.outcome, "code": c.code, "message": c.message, "clean": c.clean}
                       for c in cases],
-        "fuzz": {**report.as_dict(), "seconds": round(fuzz_s, 1)},
+        "fuzz": {**report.as_dict(), "seconds": round(fuzz_s, 1), "unclean_closes": unclean,
+                 "campaigns": args.fuzz_campaigns},
         "served_afterwards": list(after.token_ids) == ctx["refs"][0] and not after.stats.degraded,
         "server_alive": server.alive,
         "server_rss_mb_before": round(rss_before, 1),
         "server_rss_mb_after": round(server.rss_mb(), 1),
+        "server_rss_mb_after_each_campaign": rss_after_campaigns,
     }
 
 
@@ -460,6 +469,12 @@ def _markdown(result: dict[str, Any], command: str) -> str:
             f"**{hostile['served_afterwards'] and hostile['server_alive']}**; server RSS "
             f"{hostile['server_rss_mb_before']} -> {hostile['server_rss_mb_after']} MiB.",
         ]
+        campaigns = hostile.get("server_rss_mb_after_each_campaign", [])
+        if len(campaigns) > 1:
+            lines.append(
+                f"The fuzz campaign ran {len(campaigns)} times (seeds differ; frames, close codes, replies and "
+                f"seconds above are one campaign's, unclean closes all campaigns'); server RSS after each: {', '.join(f'{x:g}' for x in campaigns)} MiB."
+            )
     met = ", ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in result["targets"].items())
     lines += ["", f"Targets: {met}. Total {result['seconds']} s."]
     return "\n".join(lines)
@@ -477,6 +492,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--modes", nargs="+", default=["cloud", "speculative", "split"],
                         choices=["cloud", "speculative", "split"])
     parser.add_argument("--fuzz-frames", type=int, default=10_000, help="0 skips the hostile phase")
+    parser.add_argument("--fuzz-campaigns", type=int, default=1,
+                        help="repeat the fuzz campaign, RSS after each (memory growth)")
     parser.add_argument("--kv-budget-mb", type=int, default=64)
     parser.add_argument("--real", action="store_true", help="the registry's real pair (use bigjob)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, each process")
