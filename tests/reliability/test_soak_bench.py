@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tether.benchmarks.soak import _percentile, histogram_quantiles
 
 EXPOSITION = """\
@@ -30,3 +32,18 @@ def test_percentile_nearest_rank() -> None:
     values = [float(v) for v in range(1, 101)]
     assert _percentile(values, 50) == 51.0 and _percentile(values, 99) == 99.0 and _percentile(values, 100) == 100.0
     assert _percentile([], 50) != _percentile([], 50)  # NaN for no data
+
+
+@pytest.mark.slow
+def test_repeated_fuzz_campaigns_record_rss_after_each(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # The whole soak on tiny models, short: a real `tether serve` process, two fuzz campaigns.
+    from tether.benchmarks.soak import main
+
+    out = tmp_path / "soak.json"
+    result = main(["--sessions", "2", "--rounds", "1", "--requests", "1", "--tokens", "4", "--modes", "cloud",
+                   "--fuzz-frames", "200", "--fuzz-campaigns", "2", "--no-docs", "--quiet", "--out", str(out)])
+    hostile = result["hostile"]
+    assert len(hostile["server_rss_mb_after_each_campaign"]) == 2
+    assert hostile["fuzz"]["campaigns"] == 2 and hostile["fuzz"]["unclean_closes"] == 0
+    assert all(result["targets"].values()), result["targets"]
+    assert out.exists()
