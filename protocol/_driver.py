@@ -21,7 +21,14 @@ from tether.protocol._limits import Limits
 from tether.protocol._link import Shaper
 from tether.protocol._session import ClientProtocol, ServerProtocol, State
 from tether.protocol._transport import RECORD_OVERHEAD
-from tether.protocol._ws import ConnectionClosed, WebSocket, close_info, raise_message_limit
+from tether.protocol._ws import (
+    FRAGMENT_BYTES,
+    ConnectionClosed,
+    WebSocket,
+    close_info,
+    fragments,
+    raise_message_limit,
+)
 
 log = logging.getLogger("tether.protocol")
 
@@ -49,12 +56,6 @@ def _code_name(code: int | None) -> str:
 
 
 _CLOSE_FLUSH_S = 5.0  # how long a closing connection may take to send its last records
-# Records larger than this go out as websocket fragments of this size. Measured on
-# loopback (docs/benchmarks.md): a 1 MiB frame makes the websockets client allocate, mask and
-# copy 1 MiB buffers that glibc maps fresh every time (about 480 page faults per message);
-# 64 KiB fragments stay under malloc's mmap threshold and in cache, and the receiver's
-# message limit still counts the whole message.
-_FRAGMENT_BYTES = 64 * 1024
 
 
 class _Driver:
@@ -171,12 +172,8 @@ class _Driver:
         self._out_queue.put_nowait((self._out_shaper.schedule(len(record), time.monotonic()), record))
 
     async def _ws_send(self, record: bytes | bytearray) -> None:
-        """One record as one websocket message, fragmented when large (see _FRAGMENT_BYTES)."""
-        if len(record) <= _FRAGMENT_BYTES:
-            await self.ws.send(record)
-            return
-        view = memoryview(record)
-        await self.ws.send(view[start : start + _FRAGMENT_BYTES] for start in range(0, len(view), _FRAGMENT_BYTES))
+        """One record as one websocket message, fragmented when large (see FRAGMENT_BYTES)."""
+        await self.ws.send(record if len(record) <= FRAGMENT_BYTES else fragments(record))
 
     async def _out_pump(self) -> None:
         assert self._out_queue is not None
@@ -309,7 +306,7 @@ class _Driver:
     async def abort(self, exc: ChannelError, *, already_failed: bool = False, code: int | None = None) -> None:
         """Close because of `exc`: log it, send the Goodbye the protocol queued, close with its code."""
         if not already_failed:
-            self.protocol._fail(exc)
+            self.protocol.fail(exc)
         close_code = int(code or self.protocol.close_code or exc.close_code or CloseCode.INTERNAL_ERROR)
         log.warning("%s: closing with %s (%d): %s", self.describe, _code_name(close_code), close_code, exc)
         await self._flush_before_close()

@@ -261,6 +261,10 @@ class _ProtocolBase:
     def _handshake_done(self, result: HandshakeResult) -> None:
         raise NotImplementedError
 
+    def fail(self, exc: ChannelError) -> None:
+        """Close because of `exc` (for adapters that detect errors themselves)."""
+        self._fail(exc)
+
     def _receive_record(self, data: bytes | bytearray | memoryview) -> None:
         assert self.transport is not None
         self._receive_decoded(self.transport.open(data))

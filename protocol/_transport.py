@@ -14,6 +14,7 @@ Encryption uses empty associated data, exactly Noise's transport messages.
 from __future__ import annotations
 
 import struct
+
 import numpy as np
 
 from tether.protocol._cipher import MAX_NONCE, TAG_LEN, CipherState, InvalidTag

@@ -8,7 +8,7 @@ websocket-level pings, no software banners). Everything else goes through these 
 from __future__ import annotations
 
 import ssl as ssl_module
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection
@@ -21,6 +21,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from tether.protocol._errors import CloseCode
 
 __all__ = [
+    "FRAGMENT_BYTES",
     "HANDSHAKE_MAX",
     "ClientConnection",
     "ConnectionClosed",
@@ -30,6 +31,7 @@ __all__ = [
     "WebSocket",
     "WebSocketServer",
     "close_info",
+    "fragments",
     "open_websocket",
     "raise_message_limit",
     "serve_websockets",
@@ -37,6 +39,18 @@ __all__ = [
 
 HANDSHAKE_MAX = 65535 + 64  # unauthenticated peers: one Noise message (+ preamble) at most
 WebSocket = ClientConnection | ServerConnection
+# Messages larger than this are sent as websocket fragments of this size. Measured on
+# loopback (docs/benchmarks.md): a 1 MiB frame makes the websockets client allocate, mask and
+# copy 1 MiB buffers that glibc often maps fresh (about 480 page faults per message); 64 KiB
+# fragments stay under malloc's mmap threshold and in cache, and the receiver's message
+# limit still counts the whole message.
+FRAGMENT_BYTES = 64 * 1024
+
+
+def fragments(data: bytes | bytearray) -> Iterator[memoryview]:
+    """`data` in FRAGMENT_BYTES pieces, for ``ws.send(fragments(data))`` (one message)."""
+    view = memoryview(data)
+    return (view[start : start + FRAGMENT_BYTES] for start in range(0, len(view), FRAGMENT_BYTES))
 
 
 async def open_websocket(

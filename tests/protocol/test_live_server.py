@@ -302,7 +302,8 @@ async def test_large_records_cross_as_fragments_and_arrive_whole(live_server: An
 
 
 async def test_records_over_64_kib_are_sent_as_64_kib_fragments() -> None:
-    from tether.protocol._driver import _FRAGMENT_BYTES, _Driver
+    from tether.protocol._driver import _Driver
+    from tether.protocol._ws import FRAGMENT_BYTES
 
     class RecordingSocket:  # test double: captures what the driver hands to websockets
         def __init__(self) -> None:
@@ -313,12 +314,12 @@ async def test_records_over_64_kib_are_sent_as_64_kib_fragments() -> None:
 
     ws = RecordingSocket()
     driver = _Driver(ws, ServerProtocol.__new__(ServerProtocol), shapers=(None, None), describe="test")  # type: ignore[arg-type]
-    small, large = bytearray(b"s" * _FRAGMENT_BYTES), bytearray(np.arange(200_000, dtype=np.uint8).tobytes())
+    small, large = bytearray(b"s" * FRAGMENT_BYTES), bytearray(np.arange(200_000, dtype=np.uint8).tobytes())
     await driver._ws_send(small)
     await driver._ws_send(large)
     assert ws.sent[0] == small
     fragments = ws.sent[1]
-    assert [len(f) for f in fragments] == [_FRAGMENT_BYTES] * 3 + [200_000 - 3 * _FRAGMENT_BYTES]
+    assert [len(f) for f in fragments] == [FRAGMENT_BYTES] * 3 + [200_000 - 3 * FRAGMENT_BYTES]
     assert b"".join(fragments) == large
 
 
