@@ -13,7 +13,7 @@ the 2-core CPU the 1.5B prefills ~30-80 tokens/s, so a 21k-token document costs 
 minutes: every answer is cached under ``benchmarks/results/minions/<method>/<question>.json``
 and each invocation can be limited to one method and one document, so the run is resumable.
 
-Run: ``tether bench minions`` (or ``python -m tether.benchmarks.minions``); ``--method`` and
+Run: ``tether bench minions`` (or ``python -m benchmarks.minions``); ``--method`` and
 ``--doc`` restrict a run, ``--report-only`` only rebuilds the table, the plot
 (``docs/minions_cost_accuracy.png``) and the ``minions`` section of ``docs/benchmarks.md``.
 """
@@ -31,7 +31,7 @@ from typing import Any
 
 import typer
 
-from tether.benchmarks.longdoc import LongDoc, generate, score
+from benchmarks.longdoc import LongDoc, generate, score
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "minions"
@@ -225,7 +225,7 @@ def run_baseline(method: str, docs: list[LongDoc], results: Path, *, threads: in
     deadline = None if time_budget_s is None else time.monotonic() + time_budget_s
     import torch
 
-    from tether.edge._minions_edge import BatchGenerator, EdgePrompt, encode_segments, render_segments
+    from tether.edge.minions._worker import BatchGenerator, EdgePrompt, encode_segments, render_segments
     from tether.models import DEFAULT_CLOUD_MODEL, DEFAULT_EDGE_MODEL
     from tether.runtime._loader import load_runtime
 
@@ -300,8 +300,8 @@ async def run_protocols(methods: list[str], docs: list[LongDoc], results: Path, 
     from tether.cloud._config import CloudConfig
     from tether.cloud._manager import SessionManager
     from tether.edge import EdgeClient, EdgeModel, InProcessCloud, MinionsFailed
-    from tether.edge._minion import edge_conversation
-    from tether.edge._minions import edge_generator
+    from tether.edge.minions._minion import edge_conversation
+    from tether.edge.minions._minions import edge_generator
     from tether.models import DEFAULT_CLOUD_MODEL, DEFAULT_EDGE_MODEL
     from tether.runtime._loader import load_runtime
 
@@ -602,7 +602,7 @@ def report(docs: list[LongDoc], results: Path = RESULTS, *, write_docs: bool = T
         "probes": probes(results),
     }
     if write_docs:
-        from tether.bench_cli import repo_root, update_docs_section, write_results
+        from benchmarks._report import repo_root, update_docs_section, write_results
 
         write_results("minions", data)
         whole = [r["whole_document_tokens"] for rs in rows.values() for r in rs] + [

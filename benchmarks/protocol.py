@@ -299,7 +299,7 @@ def run(*, quick: bool = False, show_progress: bool = True, smoke: bool = False)
     """Run the protocol benchmark and return its results (`smoke`: a few samples, for tests)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from tether.bench_cli import environment
+    from benchmarks._report import environment
     from tether.protocol import KeyPair
 
     server_keys, client_keys = KeyPair.generate(), KeyPair.generate()
@@ -455,7 +455,7 @@ def register(bench_app: typer.Typer) -> None:
         """Encrypted protocol vs plain websockets: handshake, latency, throughput, overhead."""
         import json
 
-        from tether.bench_cli import repo_root, update_docs_section, write_results
+        from benchmarks._report import repo_root, update_docs_section, write_results
 
         data = run(quick=quick)
         data["label"] = label

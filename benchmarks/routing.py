@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tether.benchmarks import routing_data as rd
+from benchmarks import routing_data as rd
 
 if TYPE_CHECKING:  # tether.routing imports torch; `tether --help` registers this module without it
     from tether.routing import FitOptions, Query
@@ -134,7 +134,7 @@ CV_FOLDS, CV_REPEATS = 5, 3
 
 def bootstrap_apgr(scores: np.ndarray, e: np.ndarray, c: np.ndarray, n: int = 1000) -> tuple[float, float]:
     """95% percentile interval of a query router's APGR, resampling the evaluation problems."""
-    from tether.routing import query_curve
+    from benchmarks.lab.curves import query_curve
 
     rng = np.random.default_rng(0)
     vals = []
@@ -177,7 +177,7 @@ def cv_scores(qs: list[Query], y: np.ndarray, feats: tuple[str, ...], opts: FitO
 
 def cv_measures(oof: list[np.ndarray], y: np.ndarray, e: np.ndarray, c: np.ndarray) -> tuple[float, float]:
     """(mean CV AUC against `y`, mean CV APGR on the tasks with both answers) of out-of-fold scores."""
-    from tether.routing import query_curve
+    from benchmarks.lab.curves import query_curve
 
     known = ~np.isnan(c)
     aucs = [auc(s[~np.isnan(s)], y[~np.isnan(s)]) for s in oof]
@@ -198,7 +198,8 @@ def cv_weight_decay(qs: list[Query], y: np.ndarray, feats: tuple[str, ...], opts
 
 def query_report() -> dict[str, Any]:
     """Query routers on the HumanEval subset (raises if no HumanEval answers are cached)."""
-    from tether.routing import LearnedQueryRouter, SignalRouter, query_curve, random_curve
+    from tether.routing import LearnedQueryRouter, SignalRouter
+    from benchmarks.lab.curves import query_curve, random_curve
     from tether.routing import threshold_for_cloud_fraction, threshold_for_quality
 
     _, q_tr, e_tr, c_tr = split_data("train")
@@ -312,7 +313,7 @@ def token_configs() -> list[tuple[str, float]]:
 
 def run_tokens(edge: Any, cloud: Any, tok: Any, *, deadline: float) -> None:
     """Route-token runs over the HumanEval subset for every configuration not yet cached."""
-    from tether.routing._collect import prefill_pair, route_tokens_batch
+    from benchmarks.lab.collect import prefill_pair, route_tokens_batch
 
     done = {(r["router"], r["budget"]) for r in rd.read_jsonl(TOKEN_RUNS)}
     todo = [c for c in token_configs() if c not in done]
@@ -414,7 +415,7 @@ def sdk_agreement() -> dict[str, Any] | None:
 
 
 def token_report(edge_q: float, cloud_q: float, ids: list[str]) -> dict[str, Any]:
-    from tether.routing import Curve
+    from benchmarks.lab.curves import Curve
 
     rows_by: dict[tuple[str, float], list[dict[str, Any]]] = {}
     for r in rd.read_jsonl(TOKEN_RUNS):
@@ -488,7 +489,7 @@ def markdown(report: dict[str, Any]) -> str:
         "sandboxed unit tests. Edge `qwen2.5-coder-0.5b`, cloud `qwen2.5-coder-1.5b`, both bf16 torch on "
         f"{report['env']['cpus']} shared CPU cores, at most 160 new tokens, stop at the closing code fence. "
         f"Routers are trained and calibrated only on Tether's own {q['n_train']} programming tasks "
-        f"(`routing/_task_bank.py`; edge pass {_pct(q['train_edge_pass'])}, cloud {_pct(q['train_cloud_pass'])} on the "
+        f"(`benchmarks/lab/task_bank.py`; edge pass {_pct(q['train_edge_pass'])}, cloud {_pct(q['train_cloud_pass'])} on the "
         f"{q['train_with_cloud']} with a cloud answer, of which {q.get('train_cloud_only', '?')} only the cloud and "
         f"{q.get('train_both_fail', '?')} neither model solves). The learned routers' label is \"the edge's answer passes its "
         "tests\" (see below); HumanEval is held out: no router, label, weight decay or threshold is fitted on it.",
@@ -622,7 +623,7 @@ def targets(report: dict[str, Any]) -> list[str]:
 
 
 def report(*, write_docs: bool = True) -> dict[str, Any]:
-    from tether.bench_cli import environment, update_docs_section, write_results
+    from benchmarks._report import environment, update_docs_section, write_results
 
     rep: dict[str, Any] = {"env": environment(), "query": query_report()}
     if rd.pairs_path().exists():

@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:  # importing tether.routing pulls in torch; keep `tether --help` light
-    from tether.routing._codeeval import CodeProblem
+    from benchmarks.lab.codeeval import CodeProblem
 
-STOP_STRINGS: tuple[str, ...] = ("```", "\nif __name__", "\nprint(", "\nassert ")  # = tether.routing._codeeval.STOP_STRINGS
+STOP_STRINGS: tuple[str, ...] = ("```", "\nif __name__", "\nprint(", "\nassert ")  # = benchmarks.lab.codeeval.STOP_STRINGS
 
 CACHE = Path(__file__).resolve().parent / "results" / "routing_cache"
 HUMANEVAL_STRIDE = 4
@@ -37,8 +37,8 @@ PROBE_TOKENS = 16
 
 
 def problems(split: str) -> list[CodeProblem]:
-    """``"train"``: Tether's own tasks (`routing/_task_bank.py`, 111); ``"humaneval"``: HumanEval/0, /4, ... /160 (41 problems)."""
-    from tether.routing._codeeval import humaneval_subset, training_tasks
+    """``"train"``: Tether's own tasks (`benchmarks/lab/task_bank.py`, 111); ``"humaneval"``: HumanEval/0, /4, ... /160 (41 problems)."""
+    from benchmarks.lab.codeeval import humaneval_subset, training_tasks
 
     if split == "train":
         return training_tasks()
@@ -76,7 +76,7 @@ def stop_check(tokenizer: Any) -> Any:
 def generate(role: str, split: str, runtime: Any, tokenizer: Any, *, batch_size: int = 16,
              with_probes: bool = False, limit: int | None = None, deadline: float | None = None) -> None:
     """Greedy answers of `runtime` for every problem of `split` not yet cached."""
-    from tether.routing._collect import greedy_answers
+    from benchmarks.lab.collect import greedy_answers
 
     probs = problems(split)[:limit]
     done = answers(role, split)
@@ -141,7 +141,7 @@ def collect_pairs(edge: Any, cloud: Any, tokenizer: Any, *, edge_trajectories: b
     runs (one forward per task). With `edge_trajectories` the edge's answers are added too
     (one more cloud forward per task: about 3x the cost on this CPU).
     """
-    from tether.routing._collect import agreement_pairs
+    from benchmarks.lab.collect import agreement_pairs
 
     path = pairs_path()
     if path.exists():

@@ -15,7 +15,7 @@ a shared CPU hits them alike; the reported figure is the median over `--repeats`
 repeat's total tokens / total seconds. Ratios are against edge torch fp32 in the same run.
 The edge models are freed before the cloud model is loaded.
 
-Run: ``python -m tether.benchmarks.runtime`` (or ``tether bench runtime``); writes
+Run: ``python -m benchmarks.runtime`` (or ``tether bench runtime``); writes
 ``benchmarks/results/runtime.json`` and the ``runtime`` section of ``docs/benchmarks.md``.
 About 10 minutes and ~10 GiB of memory at the defaults, plus one-off ONNX builds.
 """
@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.new_tokens < 2:
         raise SystemExit("--new-tokens must be at least 2")
 
-    from tether.bench_cli import repo_root, update_docs_section, write_results
+    from benchmarks._report import repo_root, update_docs_section, write_results
 
     if args.report_only:
         path = args.out or repo_root() / "benchmarks" / "results" / f"{NAME}.json"
@@ -354,7 +354,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def register(bench_app: typer.Typer) -> None:
-    """Add `tether bench runtime` (options as for ``python -m tether.benchmarks.runtime``)."""
+    """Add `tether bench runtime` (options as for ``python -m benchmarks.runtime``)."""
     @bench_app.command(
         NAME,
         context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},

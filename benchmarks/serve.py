@@ -42,9 +42,9 @@ PROMPTS = [
 
 def write_section(doc: Path, name: str, body: str) -> None:
     """Replace (or append) the section between ``<!-- bench:NAME -->`` markers in `doc`
-    (the shared `tether.bench_cli.update_docs_section` when it is there)."""
+    (the shared `benchmarks._report.update_docs_section` when it is there)."""
     try:
-        from tether.bench_cli import update_docs_section
+        from benchmarks._report import update_docs_section
     except ImportError:
         update_docs_section = None
     if update_docs_section is not None:

@@ -282,7 +282,7 @@ async def _load(ctx: dict[str, Any], server: ServeProcess, poller: MetricsPoller
 
 
 async def _hostile(ctx: dict[str, Any], server: ServeProcess, progress: Any) -> dict[str, Any]:
-    from tether.benchmarks.hostile import fuzz_campaign, run_malformed
+    from benchmarks.hostile import fuzz_campaign, run_malformed
     from tether.edge import EdgeClient
     from tether.protocol import load_public_key
 
@@ -327,8 +327,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from tether.bench_cli import environment
-    from tether.benchmarks.prompts import CHAT_PROMPTS
+    from benchmarks._report import environment
+    from benchmarks.prompts import CHAT_PROMPTS
     from tether.edge import EdgeModel, SplitModel
     from tether.models import DEFAULT_CLOUD_MODEL, DEFAULT_EDGE_MODEL, load_tokenizer
     from tether.protocol import KeyPair
@@ -481,8 +481,8 @@ def _markdown(result: dict[str, Any], command: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    # Imported here: tether.bench_cli imports this module to register the command.
-    from tether.bench_cli import repo_root, update_docs_section, write_results
+    # Imported here: tether.cli._bench imports this module to register the command.
+    from benchmarks._report import repo_root, update_docs_section, write_results
 
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--sessions", type=int, default=32)

@@ -15,7 +15,7 @@ holds cloud forward passes and cloud compute seconds per committed token, which 
 depend on that sharing. The link is emulated at the session level (`EmulatedLink`): half
 the RTT each way per request.
 
-Run: ``python -m tether.benchmarks.speculative`` (or ``tether bench speculative``); writes
+Run: ``python -m benchmarks.speculative`` (or ``tether bench speculative``); writes
 ``benchmarks/results/speculative.json``, ``docs/speculative_rtt.png`` and a section of
 ``docs/benchmarks.md``. Takes about 15 minutes with the defaults and ~11 GiB of memory.
 """
@@ -285,10 +285,10 @@ def _plot(results: dict[str, dict[str, Any]], rtts: list[int], path: Path) -> No
 def write_section(doc: Path, name: str, body: str) -> None:
     """Replace (or append) the section between ``<!-- bench:NAME -->`` markers in `doc`.
 
-    Uses `tether.bench_cli.update_docs_section` when the docs are the repository's.
+    Uses `benchmarks._report.update_docs_section` when the docs are the repository's.
     """
     try:
-        from tether.bench_cli import update_docs_section
+        from benchmarks._report import update_docs_section
 
         if doc.resolve() == (ROOT / "docs" / "benchmarks.md").resolve():
             update_docs_section(name, body)
@@ -365,7 +365,7 @@ def _ceiling(res: dict[str, dict[str, Any]], rtt_ms: int) -> dict[str, Any] | No
     the network is the emulated RTT alone (protocol overhead left out). Returns the best k
     and the predicted tokens/s ratio of the best pipelined k over non-pipelined k=4.
     """
-    from tether.edge._draft_length import expected_tokens, round_seconds
+    from tether.edge.speculative._draft_length import expected_tokens, round_seconds
 
     rows = {m: res.get(m, {}).get(str(rtt_ms)) for m in ("speculative-k4", "speculative-adaptive", "cloud", "edge")}
     k4, cloud, edge = rows["speculative-k4"], rows["cloud"], rows["edge"]
@@ -483,7 +483,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def register(bench_app: Any) -> None:
-    """Add `tether bench speculative` (options as for ``python -m tether.benchmarks.speculative``)."""
+    """Add `tether bench speculative` (options as for ``python -m benchmarks.speculative``)."""
     @bench_app.command(
         "speculative",
         context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},

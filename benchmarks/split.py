@@ -23,7 +23,7 @@ fits the shared machine's memory lock; run again to continue):
 - ``report``: ``benchmarks/results/split.json``, ``docs/split_bench.png``, and the ``split``
   section of docs/benchmarks.md.
 
-Run: ``python -m tether.benchmarks.split --stage all`` (or ``tether bench split``), each
+Run: ``python -m benchmarks.split --stage all`` (or ``tether bench split``), each
 stage alone on a machine whose memory is shared (~7.5 GiB).
 """
 
@@ -38,7 +38,7 @@ from typing import Any
 
 import typer
 
-from tether.benchmarks.prompts import CHAT_PROMPTS
+from benchmarks.prompts import CHAT_PROMPTS
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "benchmarks" / "results" / "split_cache"
@@ -99,7 +99,7 @@ def _tokenizer() -> Any:
 
 def _head_path(k: int) -> Path:
     """Exit heads live in the user cache (50 MB each), not in the repository."""
-    from tether.split_cli import default_head_path
+    from tether.cli._split import default_head_path
 
     return default_head_path(_model_name(), k)
 
@@ -160,9 +160,9 @@ def stage_train(budget: Budget, max_tokens: int = 10_000, epochs: int = 3, min_t
     """Exit heads for EXIT_LAYERS with the CLI's training function; True when both exist."""
     if all(_head_path(k).is_file() for k in EXIT_LAYERS):
         return True
-    from tether.edge._exit_corpus import TRAINING_PROMPTS, default_corpus
+    from benchmarks.lab.exit_corpus import TRAINING_PROMPTS, default_corpus
     from tether.paths import cache_dir
-    from tether.split_cli import ModelOnDemand, self_distilled, train_exit_heads
+    from tether.cli._split import ModelOnDemand, self_distilled, train_exit_heads
 
     full = ModelOnDemand(_model_name(), _model()[0])
     own = self_distilled(full, _tokenizer(), cache=cache_dir() / "exit_data", prompts=TRAINING_PROMPTS,
@@ -182,8 +182,8 @@ def stage_agreement(budget: Budget) -> bool:
     """Teacher-forced top-1 per output position for every k and compression, and the exits' signals."""
     import torch
 
-    from tether.edge._exit_head import ExitHead
-    from tether.edge._hidden_codec import get_codec, roundtrip
+    from tether.edge.split._exit_head import ExitHead
+    from tether.edge.split._hidden_codec import get_codec, roundtrip
 
     ref = _load("reference")
     agree = _load("agreement")
@@ -347,7 +347,7 @@ def stage_rowbytes() -> dict[str, Any]:
     import numpy as np
     from safetensors import safe_open
 
-    from tether.bench_cli import environment, update_docs_section, write_results
+    from benchmarks._report import environment, update_docs_section, write_results
     from tether.paths import cache_dir
     from tether.protocol import Tensor
 
@@ -426,7 +426,7 @@ def summarize_agreement(ref: dict[str, Any], agree: dict[str, Any]) -> dict[str,
 def summarize_row_bytes(ref: dict[str, Any], agree: dict[str, Any], hidden: int) -> dict[str, dict[str, Any]]:
     """Wire bytes of one output row per compression and k: mean, max (the data-dependent
     int8-deflate varies row to row; the others are the same for every row)."""
-    from tether.edge._hidden_codec import get_codec
+    from tether.edge.split._hidden_codec import get_codec
 
     out: dict[str, dict[str, Any]] = {}
     for c in COMPRESSIONS:
@@ -498,7 +498,7 @@ def summarize_exits(ref: dict[str, Any], agree: dict[str, Any], base: str = "int
 
 def _calibrated_thresholds() -> dict[int, float]:
     """k -> the threshold each trained head recommends (from its held-out calibration)."""
-    from tether.edge._exit_head import ExitHead
+    from tether.edge.split._exit_head import ExitHead
 
     out = {}
     for k in EXIT_LAYERS:
@@ -541,7 +541,7 @@ def modelled_speed(speed: dict[str, Any], hidden: int, row_bytes: dict[str, Any]
     the ``auto`` run measured at that RTT (device and cloud seconds per layer, rtt, uplink) and
     the measured bytes of a row (the data-dependent int8-deflate: its mean at that k)."""
     from tether.edge import PartitionProfile, choose_partition
-    from tether.edge._hidden_codec import get_codec
+    from tether.edge.split._hidden_codec import get_codec
 
     out: dict[str, Any] = {}
     for rtt in RTTS_MS:
@@ -565,8 +565,8 @@ def modelled_speed(speed: dict[str, Any], hidden: int, row_bytes: dict[str, Any]
 
 def report() -> dict[str, Any]:
     """Write benchmarks/results/split.json, docs/split_bench.png and the docs section (under ROOT)."""
-    from tether.bench_cli import environment, update_docs_section, write_results
-    from tether.edge._hidden_codec import get_codec
+    from benchmarks._report import environment, update_docs_section, write_results
+    from tether.edge.split._hidden_codec import get_codec
 
     ref, agree, speed = _load("reference"), _load("agreement"), _load("speed")
     if not _positions(ref, agree):
@@ -810,7 +810,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def register(bench_app: Any) -> None:
-    """Add `tether bench split` (options as for ``python -m tether.benchmarks.split``)."""
+    """Add `tether bench split` (options as for ``python -m benchmarks.split``)."""
     @bench_app.command(  # type: ignore[untyped-decorator]
         "split",
         context_settings={"allow_extra_args": True, "ignore_unknown_options": True},

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from rich.console import Console
 from rich.text import Text
 
-from tether.chat_cli import ORIGIN_STYLES, legend, printable
+from tether.cli._chat import ORIGIN_STYLES, legend, printable
 from tether.edge import StreamToken
 
 console = Console(highlight=False, soft_wrap=True)

@@ -15,11 +15,11 @@ private documents that never leave the device: the cloud model plans, the edge m
 (Minion / MinionS; see docs/minions.md for exactly what is sent).
 """
 
-from tether.edge._chunking import Chunk, ChunkingOptions, chunk_documents
-from tether.edge._cost import CostReport, PriceTable, Pricing, RoundCost
-from tether.edge._minions_plan import ChunkSelector, Job, MinionsError, PlanError, PlanLimits
-from tether.edge._minions_remote import ChatModel, OpenAIChat, RemoteChatError, SessionChat
-from tether.edge._minions_types import (
+from tether.edge.minions import Chunk, ChunkingOptions, chunk_documents
+from tether.edge.minions import CostReport, PriceTable, Pricing, RoundCost
+from tether.edge.minions import ChunkSelector, Job, MinionsError, PlanError, PlanLimits
+from tether.edge.minions import ChatModel, OpenAIChat, RemoteChatError, SessionChat
+from tether.edge.minions import (
     AskResult,
     CloudExchange,
     MinionsFailed,
@@ -29,7 +29,7 @@ from tether.edge._minions_types import (
 )
 from tether.edge._client import Client, EdgeClient, SyncGeneration
 from tether.edge._connectors import InProcessCloud, LazyCloud, LoopbackCloud
-from tether.edge._draft_length import (
+from tether.edge.speculative import (
     AdaptiveDraftLength,
     DraftLengthPolicy,
     FixedDraftLength,
@@ -41,12 +41,12 @@ from tether.edge._errors import CloudUnavailableError, EdgeError
 from tether.edge._link import EmulatedLink, LinkSevered
 from tether.edge._loop import Generation
 from tether.edge._remote import CloudConnector, ResilienceOptions
-from tether.edge._speculative import SpeculativeOptions
-from tether.edge._exit_head import CalibrationPoint, ExitHead
-from tether.edge._hidden_codec import COMPRESSIONS
-from tether.edge._partition import PartitionProfile, PartitionReport, choose_partition
-from tether.edge._split import SplitOptions, SplitStats
-from tether.edge._split_model import SplitModel
+from tether.edge.speculative import SpeculativeOptions
+from tether.edge.split import CalibrationPoint, ExitHead
+from tether.edge.split import COMPRESSIONS
+from tether.edge.split import PartitionProfile, PartitionReport, choose_partition
+from tether.edge.split import SplitOptions, SplitStats
+from tether.edge.split import SplitModel
 from tether.edge._stats import GenerationStats
 from tether.edge._types import MODES, GenerationResult, Origin, StreamToken
 

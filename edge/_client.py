@@ -19,18 +19,18 @@ from typing import Any, TypeVar
 from tether.cloud import SamplingParams
 from tether.edge._connectors import LazyCloud, LoopbackCloud
 from tether.edge._edge_model import EdgeModel
-from tether.edge._draft_length import DraftLengthPolicy
+from tether.edge.speculative._draft_length import DraftLengthPolicy
 from tether.edge._link import EmulatedLink
 from tether.edge._loop import Generation
-from tether.edge._minions import run_ask
-from tether.edge._minions_remote import ChatModel, SessionChat
-from tether.edge._minions_types import AskResult, MinionsOptions
+from tether.edge.minions._minions import run_ask
+from tether.edge.minions._remote import ChatModel, SessionChat
+from tether.edge.minions._types import AskResult, MinionsOptions
 from tether.edge._proposer import DraftSettings, EdgeDrafter
 from tether.edge._remote import CloudConnector, CloudLink, ResilienceOptions
-from tether.edge._routing_strategies import ROUTING_MODES, RoutingStats, build_routing_strategy, query_text
-from tether.edge._speculative import CloudScorer, SpeculativeOptions, SpeculativeStrategy
-from tether.edge._split import SplitOptions, SplitStats, SplitStrategy
-from tether.edge._split_model import SplitModel, SplitModelSource
+from tether.edge.route._strategies import ROUTING_MODES, RoutingStats, build_routing_strategy, query_text
+from tether.edge.speculative._strategy import CloudScorer, SpeculativeOptions, SpeculativeStrategy
+from tether.edge.split._strategy import SplitOptions, SplitStats, SplitStrategy
+from tether.edge.split._model import SplitModel, SplitModelSource
 from tether.edge._stats import GenerationStats
 from tether.edge._strategies import CloudStrategy, EdgeFallback, EdgeStrategy, Strategy
 from tether.edge._text import Prompt, build_prompt

@@ -16,8 +16,6 @@ from tether.routing._calibration import (
     threshold_for_quality,
 )
 from tether.routing._classifier import Classifier, FitOptions
-from tether.routing._codeeval import CodeProblem, humaneval_subset, load_humaneval, training_tasks
-from tether.routing._curves import Curve, query_curve, random_curve
 from tether.routing._embed import MiniLMEmbedder
 from tether.routing._options import RoutingOptions
 from tether.routing._query import (
@@ -28,7 +26,6 @@ from tether.routing._query import (
     RandomRouter,
     SignalRouter,
 )
-from tether.routing._sandbox import SandboxResult, run_python
 from tether.routing._signals import SIGNALS, EdgeProbe, TokenSignals, probe_query, token_signals
 from tether.routing._token import (
     TOKEN_FEATURES,
@@ -44,9 +41,7 @@ __all__ = [
     "SIGNALS",
     "TOKEN_FEATURES",
     "Classifier",
-    "CodeProblem",
     "ConfidenceTokenRouter",
-    "Curve",
     "Decision",
     "EdgeProbe",
     "FitOptions",
@@ -61,22 +56,15 @@ __all__ = [
     "RandomTokenRouter",
     "Router",
     "RoutingOptions",
-    "SandboxResult",
     "SignalRouter",
     "TokenRouter",
     "TokenSignals",
     "calibrate_cloud_fraction",
     "calibrate_quality",
     "cloud_fraction",
-    "humaneval_subset",
-    "load_humaneval",
     "load_router",
     "probe_query",
-    "query_curve",
-    "random_curve",
-    "run_python",
     "threshold_for_cloud_fraction",
     "threshold_for_quality",
     "token_signals",
-    "training_tasks",
 ]

@@ -1,7 +1,7 @@
 """`RoutingOptions`: which router the edge SDK's routing modes use, and at what threshold.
 
 What belongs here: the options value and how it resolves to a router and a threshold.
-What does not: the generation strategies (`tether.edge._routing_strategies`).
+What does not: the generation strategies (`tether.edge.route._strategies`).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ What belongs here: `TokenRouter` and its implementations: training-free
 `ConfidenceTokenRouter` (edge top-1 probability), `MarginTokenRouter` (top-1 minus top-2),
 the learned `LearnedTokenRouter` (a head on the edge's hidden state predicting agreement
 with the cloud's next token), and `RandomTokenRouter`. What does not: the generation loop
-that asks the cloud for the routed tokens (`tether.edge._routing_strategies`).
+that asks the cloud for the routed tokens (`tether.edge.route._strategies`).
 
 Reference: "Efficient Hybrid Inference for LLMs: Reward-Based Token Modelling with
 Selective Cloud Assistance" (Banerjee et al., 2024): the small model generates; a reward

@@ -237,7 +237,7 @@ def test_chat_session_history_commands_and_modes(tiny_pair: tuple[Path, Path]) -
 
     from rich.console import Console
 
-    from tether.chat_cli import MAX_HISTORY_MESSAGES, ChatSession
+    from tether.cli._chat import MAX_HISTORY_MESSAGES, ChatSession
     from tether.edge import Client
 
     edge_dir, cloud_dir = tiny_pair

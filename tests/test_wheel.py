@@ -24,7 +24,7 @@ PUBLIC_MODULES = [
     "tether.cloud",
     "tether.protocol",
     "tether.routing",
-    "tether.benchmarks",
+    "benchmarks",
 ]
 
 

@@ -9,7 +9,7 @@ from cloudkit import build_byte_tokenizer, build_tiny_byte_model
 
 
 def test_bench_serve_runs_on_a_tiny_model(tmp_path: Path) -> None:
-    from tether.benchmarks.serve import main
+    from benchmarks.serve import main
 
     model_dir = tmp_path / "tiny"
     build_tiny_byte_model(seed=0).save_pretrained(model_dir)
@@ -29,7 +29,7 @@ def test_bench_serve_registers_a_typer_command() -> None:
     import typer
     from typer.testing import CliRunner
 
-    from tether.benchmarks.serve import register
+    from benchmarks.serve import register
 
     app = typer.Typer()
     register(app)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tether.edge import AdaptiveDraftLength, FixedDraftLength, HeuristicDraftLength, RoundObservation
-from tether.edge._draft_length import expected_tokens
+from tether.edge.speculative._draft_length import expected_tokens
 
 
 def obs(k: int, acc: int, verify: float, *, draft: float = 0.03, network: float = 0.05) -> RoundObservation:

@@ -14,7 +14,7 @@ import pytest_asyncio
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 
-from tether.benchmarks.prompts import CHAT_PROMPTS
+from benchmarks.prompts import CHAT_PROMPTS
 
 PROMPTS = CHAT_PROMPTS[:22]
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tether.edge._minions_edge import BatchGenerator, EdgePrompt, encode_segments, render_segments
+from tether.edge.minions._worker import BatchGenerator, EdgePrompt, encode_segments, render_segments
 from tether.errors import ConfigurationError, RuntimeStateError
 
 from .conftest import REPORT

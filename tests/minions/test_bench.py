@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import tether.benchmarks.minions as bench
+import benchmarks.minions as bench
 
 
 def row(method: str, qid: str, correct: bool, cloud: int, edge: int = 0) -> dict[str, Any]:
@@ -38,7 +38,7 @@ def test_report_writes_plot_and_section(tmp_path: Path, monkeypatch: Any) -> Non
             r = row(method, q.id, method != "edge-only", 20_000 if method == "cloud-only" else 900)
             answer = f"{q.answer - 7} + 7 = {q.answer}" if method != "edge-only" else "1"
             bench.store(tmp_path, method, r | {"fingerprint": fps[method], "answer": answer})
-    import tether.bench_cli as cli
+    import benchmarks._report as cli
 
     monkeypatch.setattr(cli, "repo_root", lambda: tmp_path)
     data = bench.report(docs, tmp_path)

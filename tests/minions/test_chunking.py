@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tether.edge import Chunk, ChunkingOptions, chunk_documents
-from tether.edge._chunking import approx_tokens, contains_any
+from tether.edge.minions._chunking import approx_tokens, contains_any
 from tether.errors import ConfigurationError
 
 from .conftest import REPORT

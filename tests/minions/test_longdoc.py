@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from tether.benchmarks.longdoc import generate, numbers_in, score
+from benchmarks.longdoc import generate, numbers_in, score
 
 
 def test_deterministic_and_long() -> None:

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tether.edge._minions_plan import (
+from tether.edge.minions._plan import (
     ChunkSelector,
     FinalAnswer,
     NotJSON,

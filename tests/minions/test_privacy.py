@@ -16,7 +16,7 @@ import pytest
 
 from tether.cloud import ChatResult
 from tether.edge import AskResult, ChunkingOptions, EdgeClient, MinionsOptions, OpenAIChat
-from tether.edge._minions import minions_flow
+from tether.edge.minions._minions import minions_flow
 
 from .test_round_loop import drive, jobs
 

@@ -18,11 +18,11 @@ from tether.edge import (
     PlanLimits,
     PriceTable,
 )
-from tether.edge._minion import minion_flow
-from tether.edge._minions import minions_flow
-from tether.edge._minions_edge import EdgeOutput
-from tether.edge._minions_plan import ReplyTooLarge, SchemaViolation
-from tether.edge._minions_types import CloudRequest, EdgeRequest, Flow, Timed
+from tether.edge.minions._minion import minion_flow
+from tether.edge.minions._minions import minions_flow
+from tether.edge.minions._worker import EdgeOutput
+from tether.edge.minions._plan import ReplyTooLarge, SchemaViolation
+from tether.edge.minions._types import CloudRequest, EdgeRequest, Flow, Timed
 from tether.errors import ConfigurationError
 
 from .conftest import REPORT, ScriptedPlanner
@@ -280,7 +280,7 @@ def test_ungrounded_results_are_dropped_on_the_device(byte_tokenizer: Any) -> No
 
 def test_grounded() -> None:
     from tether.edge import Chunk
-    from tether.edge._minions import grounded
+    from tether.edge.minions._minions import grounded
 
     c = Chunk(id=0, document=0, section="", text="Q3 revenue was $1,196 thousand.\nHeadcount: 48.", start=0, tokens=9)
     assert grounded("1,196", "Q3 revenue was $1,196   thousand.", c) == (True, "Q3 revenue was $1,196   thousand.")

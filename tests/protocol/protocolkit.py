@@ -87,7 +87,7 @@ class RawClient:
 
     @classmethod
     async def open(cls, url: str, keys: KeyPair, server_key: Any, *, pattern: str = "IK", **kwargs: Any) -> RawClient:
-        from tether.benchmarks.hostile import open_handshaken
+        from benchmarks.hostile import open_handshaken
 
         return cls(*await open_handshaken(url, keys, server_key, pattern=pattern, **kwargs))
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tether.bench_cli import update_docs_section, write_results
-from tether.benchmarks.protocol import render_markdown, run
+from benchmarks._report import update_docs_section, write_results
+from benchmarks.protocol import render_markdown, run
 
 
 def test_docs_sections_are_replaced_independently(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ import typer
 from typer.testing import CliRunner
 
 from tether.protocol import Allowlist, InsecureKeyFile, KeyFileError, KeyPair, PublicKey, load_public_key
-from tether.protocol._cli import register
+from tether.cli._keys import register
 
 
 def test_save_writes_0600_and_load_round_trips(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ import pytest
 
 from cloudkit import build_byte_tokenizer, build_tiny_byte_model
 from faultproxy import FaultProxy
-from tether.benchmarks.hostile import HostileClient
+from benchmarks.hostile import HostileClient
 from tether.edge import EdgeClient, Origin, ResilienceOptions
 from tether.protocol import KeyPair, LinkEmulator, OpenSession, ScoreTokens, connect
 from tether.protocol._frames import encode_frame

@@ -12,7 +12,7 @@ import random
 import numpy as np
 import pytest
 
-from tether.benchmarks.hostile import fuzz_campaign, hypothesis_frames, mutate, run_malformed
+from benchmarks.hostile import fuzz_campaign, hypothesis_frames, mutate, run_malformed
 from tether.protocol import ChannelError, Limits, OpenSession, connect
 from tether.protocol._frames import decode_frame
 
@@ -118,7 +118,7 @@ def test_mutated_minions_plans_parse_or_fail_cleanly() -> None:
     Each parses to a plan or raises PlanError (end to end, tests/minions/test_round_loop.py
     shows a hostile plan ending the session cleanly and the client staying usable)."""
     from tether.edge import PlanError
-    from tether.edge._minions_plan import Plan, parse_plan
+    from tether.edge.minions._plan import Plan, parse_plan
 
     valid = json.dumps({"action": "jobs", "jobs": [
         {"instruction": "find the total", "chunks": {"contains_any": ["total"]}},

@@ -15,7 +15,7 @@ import pytest
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
 from faultproxy import FaultProxy
-from tether.benchmarks.hostile import HostileClient
+from benchmarks.hostile import HostileClient
 from tether.edge import EdgeClient
 from tether.errors import TetherError
 from tether.protocol import (

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tether.benchmarks.soak import _percentile, histogram_quantiles
+from benchmarks.soak import _percentile, histogram_quantiles
 
 EXPOSITION = """\
 # TYPE tether_request_seconds histogram
@@ -37,7 +37,7 @@ def test_percentile_nearest_rank() -> None:
 @pytest.mark.slow
 def test_repeated_fuzz_campaigns_record_rss_after_each(tmp_path) -> None:  # type: ignore[no-untyped-def]
     # The whole soak on tiny models, short: a real `tether serve` process, two fuzz campaigns.
-    from tether.benchmarks.soak import main
+    from benchmarks.soak import main
 
     out = tmp_path / "soak.json"
     result = main(["--sessions", "2", "--rounds", "1", "--requests", "1", "--tokens", "4", "--modes", "cloud",

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tether.benchmarks import routing as bench
-from tether.benchmarks import routing_data as rd
+from benchmarks import routing as bench
+from benchmarks import routing_data as rd
 
 
 @pytest.fixture
@@ -82,10 +82,10 @@ def test_benchmark_module_is_light_and_consistent() -> None:
     import subprocess
     import sys
 
-    from tether.routing._codeeval import STOP_STRINGS
+    from benchmarks.lab.codeeval import STOP_STRINGS
 
     assert rd.STOP_STRINGS == STOP_STRINGS
-    code = "import sys, tether.benchmarks.routing; print('torch' in sys.modules)"
+    code = "import sys, benchmarks.routing; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"  # `tether --help` registers it without importing torch
 

@@ -14,11 +14,10 @@ from tether.routing import (
     calibrate_quality,
     cloud_fraction,
     probe_query,
-    query_curve,
-    random_curve,
     threshold_for_cloud_fraction,
     threshold_for_quality,
 )
+from benchmarks.lab.curves import query_curve, random_curve
 
 
 @pytest.mark.parametrize("fraction", [0.0, 0.1, 0.3, 0.5, 0.9, 1.0])

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from tether.routing import humaneval_subset, load_humaneval, run_python, training_tasks
-from tether.routing._codeeval import reference_completion, truncate_completion
+from benchmarks.lab.codeeval import humaneval_subset, load_humaneval, training_tasks
+from benchmarks.lab.sandbox import run_python
+from benchmarks.lab.codeeval import reference_completion, truncate_completion
 
 
 def test_every_task_bank_test_passes_its_reference_and_fails_a_stub() -> None:

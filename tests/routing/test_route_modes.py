@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tether.edge import EdgeClient, InProcessCloud, Origin
-from tether.edge._routing_strategies import RoutingStats
+from tether.edge.route._strategies import RoutingStats
 from tether.errors import ConfigurationError
 from tether.routing import (
     ConfidenceTokenRouter,
@@ -153,7 +153,7 @@ async def test_route_query_sampling_and_random_router(edge_model, cloud_manager)
 
 def test_batched_route_token_evaluator_follows_the_same_rule(tiny_cloud_hf, tiny_edge_hf) -> None:  # type: ignore[no-untyped-def]
     """The benchmark's batched evaluator: cloud's argmax at routed positions, edge's elsewhere."""
-    from tether.routing._collect import prefill_pair, route_tokens_batch
+    from benchmarks.lab.collect import prefill_pair, route_tokens_batch
     from tether.runtime import TorchCausalLM
 
     edge, cloud = TorchCausalLM(tiny_edge_hf), TorchCausalLM(tiny_cloud_hf)

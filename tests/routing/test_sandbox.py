@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tether.routing import run_python
-from tether.routing._sandbox import network_isolation_available
+from benchmarks.lab.sandbox import run_python
+from benchmarks.lab.sandbox import network_isolation_available
 
 
 def test_passing_and_failing_programs() -> None:

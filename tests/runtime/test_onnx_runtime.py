@@ -312,7 +312,7 @@ def test_real_int4_drafts_coherently_and_agrees_with_torch() -> None:
 
 
 def test_benchmark_report_ratios_and_targets() -> None:
-    from tether.benchmarks.runtime import Row, _agreement, _targets, render_markdown
+    from benchmarks.runtime import Row, _agreement, _targets, render_markdown
 
     torch_row = Row("edge", "torch", "edge", prefill_tok_s=[100, 120, 110], decode_tok_s=[9, 10, 11],
                     outputs=[[1, 2, 3, 4]])

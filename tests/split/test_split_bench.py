@@ -21,7 +21,7 @@ def tiny_dir(tmp_path: Path, split_hf) -> Path:  # type: ignore[no-untyped-def]
 
 @pytest.fixture
 def bench(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_dir: Path, split_runtime, toy_tokenizer) -> Any:  # type: ignore[no-untyped-def]
-    import tether.benchmarks.split as b
+    import benchmarks.split as b
 
     monkeypatch.setattr(b, "ROOT", tmp_path)
     monkeypatch.setattr(b, "CACHE", tmp_path / "cache")
@@ -122,7 +122,7 @@ def test_rowbytes_reads_cached_exit_data_only(bench: Any, tmp_path: Path) -> Non
     """`--stage rowbytes` measures int8-deflate on cached layer-k states without a model."""
     import torch
 
-    from tether.edge._exit_head import ExitData
+    from tether.edge.split._exit_head import ExitData
 
     bench._model = lambda: pytest.fail("rowbytes must not load the model")
     part = tmp_path / "tether-cache" / "exit_data" / "abc"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tether.edge import COMPRESSIONS
-from tether.edge._hidden_codec import CODECS, get_codec, roundtrip
+from tether.edge.split._hidden_codec import CODECS, get_codec, roundtrip
 from tether.errors import ConfigurationError
 from tether.protocol import BadTensor, ContinueHidden, DType, InvalidMessage, Limits, Tensor, decode_frame, encode_frame
 from tether.protocol._frames import DESCRIPTOR, HEADER

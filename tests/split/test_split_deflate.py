@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from tether.edge._hidden_codec import get_codec, roundtrip
+from tether.edge.split._hidden_codec import get_codec, roundtrip
 from tether.protocol import BadTensor, ContinueHidden, DType, InvalidMessage, Limits, Tensor, decode_frame, encode_frame
 from tether.protocol._frames import DESCRIPTOR, HEADER
 from tether.protocol._tensors import deflate_bound, wire_nbytes, wire_nbytes_range

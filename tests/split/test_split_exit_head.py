@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tether.edge import EdgeClient, ExitHead, InProcessCloud, Origin, SplitOptions, SplitStats
-from tether.edge._exit_head import (
+from tether.edge.split._exit_head import (
     ExitData,
     ModelHeadExit,
     calibrate,

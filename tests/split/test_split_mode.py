@@ -116,7 +116,7 @@ class AlwaysExit:
         self.calls = 0
 
     def propose(self, hidden: torch.Tensor, **_: Any) -> Any:
-        from tether.edge._exit_head import ExitProposal
+        from tether.edge.split._exit_head import ExitProposal
 
         self.calls += 1
         return ExitProposal(token=1234, confidence=1.0 if self.calls % 2 == 0 else 0.0)
@@ -301,7 +301,7 @@ class LensCopy:
         self.runtime, self.wrong = runtime, wrong
 
     def propose(self, hidden: torch.Tensor, **_: Any) -> Any:
-        from tether.edge._exit_head import ExitProposal
+        from tether.edge.split._exit_head import ExitProposal
 
         token = int(self.runtime.head(hidden.reshape(1, -1))[0].argmax())
         return ExitProposal(token=token + 1 if self.wrong else token, confidence=1.0)

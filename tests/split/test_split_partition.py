@@ -9,7 +9,7 @@ import pytest
 
 from tether.edge import EdgeClient, EmulatedLink, InProcessCloud, PartitionProfile, SplitOptions, SplitStats
 from tether.edge import choose_partition
-from tether.edge._partition import measure_edge, probe_cloud
+from tether.edge.split._partition import measure_edge, probe_cloud
 from tether.errors import ConfigurationError
 
 

@@ -18,7 +18,7 @@ import httpx
 
 from tether.cloud import ChatResult, CloudSessionAPI, InvalidRequest, SessionLimitExceeded, UnsupportedOperation
 from tether.edge._errors import CloudUnavailableError
-from tether.edge._minions_plan import MinionsError
+from tether.edge.minions._plan import MinionsError
 from tether.edge._remote import CloudConnector
 from tether.errors import ConfigurationError
 

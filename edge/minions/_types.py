@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from tether.cloud import ChatResult
-from tether.edge._chunking import ChunkingOptions
-from tether.edge._cost import CostReport, Pricing, RoundCost
-from tether.edge._minions_edge import EdgeOutput, EdgePrompt
-from tether.edge._minions_plan import Job, MinionsError, PlanError, PlanLimits
+from tether.edge.minions._chunking import ChunkingOptions
+from tether.edge.minions._cost import CostReport, Pricing, RoundCost
+from tether.edge.minions._worker import EdgeOutput, EdgePrompt
+from tether.edge.minions._plan import Job, MinionsError, PlanError, PlanLimits
 from tether.errors import ConfigurationError
 
 T = TypeVar("T")

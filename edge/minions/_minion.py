@@ -19,10 +19,10 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from tether.edge._cost import CostReport, RoundCost
-from tether.edge._minions_edge import EdgeOutput, EdgePrompt, encode_segments, render_segments
-from tether.edge._minions_plan import FinalAnswer, Question, SchemaViolation, parse_minion_turn
-from tether.edge._minions_types import (
+from tether.edge.minions._cost import CostReport, RoundCost
+from tether.edge.minions._worker import EdgeOutput, EdgePrompt, encode_segments, render_segments
+from tether.edge.minions._plan import FinalAnswer, Question, SchemaViolation, parse_minion_turn
+from tether.edge.minions._types import (
     AskResult,
     EdgeRequest,
     Flow,

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tether.routing._sandbox import SandboxResult, run_python
+from benchmarks.lab.sandbox import SandboxResult, run_python
 
 #: Where a completion ends (searched in the generated text only).
 STOP_STRINGS: tuple[str, ...] = ("```", "\nif __name__", "\nprint(", "\nassert ")
@@ -112,7 +112,7 @@ def humaneval_subset(stride: int = 4, limit: int | None = None) -> list[CodeProb
 
 def training_tasks() -> list[CodeProblem]:
     """Tether's own tasks (`_task_bank`): the data routers are trained and calibrated on."""
-    from tether.routing._task_bank import task_bank
+    from benchmarks.lab.task_bank import task_bank
 
     out = []
     for name, signature, doc, tests, _reference in task_bank():
@@ -125,7 +125,7 @@ def training_tasks() -> list[CodeProblem]:
 
 def reference_completion(task_id: str) -> str:
     """The reference body of one of Tether's own tasks (tests of the task bank use it)."""
-    from tether.routing._task_bank import task_bank
+    from benchmarks.lab.task_bank import task_bank
 
     for name, *_, reference in task_bank():
         if f"tether/{name}" == task_id:

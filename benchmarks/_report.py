@@ -1,16 +1,14 @@
-"""`tether bench`: one sub-command per benchmark, and the shared way they report.
+"""The shared way benchmarks report: JSON under benchmarks/results/, a section of docs/benchmarks.md.
 
-Each module in `_BENCH_MODULES` defines `register(bench_app: typer.Typer) -> None` adding its
-command (imports of torch, websockets... stay inside the command). A benchmark writes
-its numbers with `write_results(name, data)` to `benchmarks/results/<name>.json` and its
-human summary with `update_docs_section(name, markdown)` into docs/benchmarks.md, where it
-owns exactly the lines between `<!-- bench:<name> -->` and `<!-- /bench:<name> -->`:
-rerunning one benchmark never touches another's section.
+A benchmark writes its numbers with `write_results(name, data)` to
+`benchmarks/results/<name>.json` and its human summary with `update_docs_section(name,
+markdown)` into docs/benchmarks.md, where it owns exactly the lines between
+`<!-- bench:<name> -->` and `<!-- /bench:<name> -->`: rerunning one benchmark never touches
+another's section.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import platform
@@ -19,26 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import typer
-
-__all__ = ["bench_app", "environment", "register", "repo_root", "update_docs_section", "write_results"]
-
-_BENCH_MODULES: tuple[str, ...] = (
-    "tether.benchmarks.protocol",
-    "tether.benchmarks.serve",
-    "tether.benchmarks.speculative",
-    "tether.benchmarks.routing",
-    "tether.benchmarks.minions",
-    "tether.benchmarks.runtime",
-    "tether.benchmarks.split",
-    "tether.benchmarks.soak",
-)
-
-bench_app = typer.Typer(
-    name="bench",
-    help="Benchmarks: results go to benchmarks/results/<name>.json and docs/benchmarks.md.",
-    no_args_is_help=True,
-)
+__all__ = ["environment", "repo_root", "update_docs_section", "write_results"]
 
 _DOC_HEADER = """# Benchmarks
 
@@ -101,12 +80,3 @@ def update_docs_section(name: str, markdown: str, *, path: Path | None = None) -
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     path.write_text(text, encoding="utf-8")
     return path
-
-
-for _module in _BENCH_MODULES:
-    importlib.import_module(_module).register(bench_app)
-
-
-def register(app: typer.Typer) -> None:
-    """Add `tether bench` to the root command."""
-    app.add_typer(bench_app, name="bench")

@@ -15,14 +15,14 @@ import typer
 import tether
 
 _COMMAND_MODULES: tuple[str, ...] = (
-    "tether.models_cli",
-    "tether.generate_cli",
-    "tether.chat_cli",
-    "tether.cloud._cli",
-    "tether.router_cli",
-    "tether.split_cli",
-    "tether.protocol._cli",
-    "tether.bench_cli",
+    "tether.cli._models",
+    "tether.cli._generate",
+    "tether.cli._chat",
+    "tether.cli._serve",
+    "tether.cli._router",
+    "tether.cli._split",
+    "tether.cli._keys",
+    "tether.cli._bench",
 )
 
 app = typer.Typer(

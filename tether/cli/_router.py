@@ -137,7 +137,9 @@ def _generate_pairs(data: Path, edge_model: Optional[str], cloud_model: Optional
     import torch
 
     from tether.models import DEFAULT_CLOUD_MODEL, load_hf
-    from tether.routing._collect import agreement_pairs
+    from tether.cli._bench import import_lab
+
+    agreement_pairs = import_lab("collect").agreement_pairs
     from tether.routing._data import edge_answer_positions, prompt_ids, read_records
     from tether.runtime import TorchCausalLM
 

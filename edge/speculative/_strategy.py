@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol, Union
 
 from tether.cloud import SparseProbs, VerifyResult
-from tether.edge._draft_length import (
+from tether.edge.speculative._draft_length import (
     AdaptiveDraftLength,
     DraftLengthPolicy,
     FixedDraftLength,

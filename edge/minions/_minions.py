@@ -29,12 +29,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from tether.cloud import ChatResult
-from tether.edge._chunking import Chunk, chunk_documents, contains_any
-from tether.edge._cost import CostReport, RoundCost
+from tether.edge.minions._chunking import Chunk, chunk_documents, contains_any
+from tether.edge.minions._cost import CostReport, RoundCost
 from tether.edge._edge_model import EdgeModel
-from tether.edge._minion import documents_block, minion_flow
-from tether.edge._minions_edge import BatchGenerator, EdgeOutput, EdgePrompt, encode_segments, render_segments
-from tether.edge._minions_plan import (
+from tether.edge.minions._minion import documents_block, minion_flow
+from tether.edge.minions._worker import BatchGenerator, EdgeOutput, EdgePrompt, encode_segments, render_segments
+from tether.edge.minions._plan import (
     FinalAnswer,
     Job,
     Plan,
@@ -44,8 +44,8 @@ from tether.edge._minions_plan import (
     parse_plan,
     parse_worker_reply,
 )
-from tether.edge._minions_remote import ChatModel
-from tether.edge._minions_types import (
+from tether.edge.minions._remote import ChatModel
+from tether.edge.minions._types import (
     ASK_MODES,
     AskResult,
     CloudRequest,

@@ -84,7 +84,9 @@ def self_distilled(
 ) -> list[list[int]] | None:
     """The model's greedy answers to `prompts` as chat sequences, generated once and cached in
     batches (resumable); None when the time budget ran out first."""
-    from tether.edge._exit_corpus import self_distilled_corpus
+    from tether.cli._bench import import_lab
+
+    self_distilled_corpus = import_lab("exit_corpus").self_distilled_corpus
 
     started = time.monotonic()
     key = hashlib.sha256(json.dumps([model.model, list(prompts), max_new_tokens]).encode()).hexdigest()[:12]
@@ -124,7 +126,7 @@ def train_exit_heads(
     """
     import torch
 
-    from tether.edge._exit_head import ExitData, collect_exit_datasets, train_exit_head
+    from tether.edge.split._exit_head import ExitData, collect_exit_datasets, train_exit_head
     from tether.models import ensure_hf_dir
 
     started = time.monotonic()
@@ -196,7 +198,10 @@ def train_exit(
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
 ) -> None:
     """Train early-exit heads: distil the full model's next token from layer k (docs/split.md)."""
-    from tether.edge._exit_corpus import TRAINING_PROMPTS, default_corpus, file_corpus
+    from tether.cli._bench import import_lab
+
+    corpus = import_lab("exit_corpus")
+    TRAINING_PROMPTS, default_corpus, file_corpus = corpus.TRAINING_PROMPTS, corpus.default_corpus, corpus.file_corpus
     from tether.models import DEFAULT_CLOUD_MODEL, load_tokenizer
     from tether.paths import cache_dir
 
@@ -236,7 +241,7 @@ def train_exit(
 @split_app.command("show")
 def show(head: Annotated[Path, typer.Argument(help="An exit head file.")]) -> None:
     """Print an exit head's layer, size and calibration table."""
-    from tether.edge._exit_head import ExitHead
+    from tether.edge.split._exit_head import ExitHead
     from tether.errors import ModelError
 
     try:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from tether.generate_cli import ORIGIN_STYLES as _GENERATE_STYLES
+from tether.cli._generate import ORIGIN_STYLES as _GENERATE_STYLES
 
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType

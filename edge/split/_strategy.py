@@ -35,11 +35,11 @@ import numpy as np
 import torch
 
 from tether.cloud import HiddenResult
-from tether.edge._exit_head import ConfirmedExit, EarlyExit, ExitHead, ModelHeadExit, load_exit
-from tether.edge._hidden_codec import HiddenCodec, get_codec
-from tether.edge._partition import PartitionProfile, PartitionReport, choose_partition, measure_edge, probe_cloud
+from tether.edge.split._exit_head import ConfirmedExit, EarlyExit, ExitHead, ModelHeadExit, load_exit
+from tether.edge.split._hidden_codec import HiddenCodec, get_codec
+from tether.edge.split._partition import PartitionProfile, PartitionReport, choose_partition, measure_edge, probe_cloud
 from tether.edge._remote import CloudLink, LinkDown, now
-from tether.edge._split_model import SplitModel, SplitModelSource
+from tether.edge.split._model import SplitModel, SplitModelSource
 from tether.edge._stats import GenerationStats
 from tether.edge._strategies import Committed, EdgeFallback
 from tether.edge._types import Origin
