@@ -50,7 +50,7 @@ async def _serve_both(private_key: bytes, client_key: bytes, pipe: Pipe) -> None
         AppendTokens,
         ContinueHidden,
         ErrorCode,
-        HiddenResult,
+        HiddenContinued,
         KeyPair,
         Limits,
         PublicKey,
@@ -67,7 +67,7 @@ async def _serve_both(private_key: bytes, client_key: bytes, pipe: Pipe) -> None
     async def on_request(request: Request) -> Any:
         message = request.message
         if isinstance(message, ContinueHidden):
-            return HiddenResult(session_id=message.session_id, next_token=0, length=message.hidden.shape[0])
+            return HiddenContinued(session_id=message.session_id, next_token=0, length=message.hidden.shape[0])
         if isinstance(message, AppendTokens):
             return Appended(session_id=message.session_id, length=int(message.tokens.shape[0]))
         raise RequestFailed(ErrorCode.UNSUPPORTED)

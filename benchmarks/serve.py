@@ -40,29 +40,6 @@ PROMPTS = [
 ]
 
 
-def write_section(doc: Path, name: str, body: str) -> None:
-    """Replace (or append) the section between ``<!-- bench:NAME -->`` markers in `doc`
-    (the shared `benchmarks._report.update_docs_section` when it is there)."""
-    try:
-        from benchmarks._report import update_docs_section
-    except ImportError:
-        update_docs_section = None
-    if update_docs_section is not None:
-        update_docs_section(name, body, path=doc)
-        return
-    start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    block = f"{start}\n{body.rstrip()}\n{end}"
-    if start in text and end in text:
-        before, rest = text.split(start, 1)
-        _, after = rest.split(end, 1)
-        text = before + block + after
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(text)
-
-
 def _prompt_ids(tokenizer: Any, text: str) -> list[int]:
     out = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                         tokenize=True)
@@ -72,24 +49,18 @@ def _prompt_ids(tokenizer: Any, text: str) -> list[int]:
 
 
 def _references(model: Any, prompts: list[list[int]], n: int) -> list[list[int]]:
-    """The cloud model's greedy continuation of each prompt (one batched forward per step)."""
-    states = [model.new_state() for _ in prompts]
-    logits = model.extend_batch(states, prompts)
-    outs: list[list[int]] = [[] for _ in prompts]
-    for _ in range(n):
-        nxt = [int(lg[-1].argmax()) for lg in logits]
-        for o, t in zip(outs, nxt):
-            o.append(t)
-        logits = model.extend_batch(states, [[t] for t in nxt])
-    for s in states:
-        model.release(s)
-    return outs
+    """The cloud model's greedy continuation of each prompt (one batched forward per step, no stop)."""
+    from tether.runtime import greedy_generate
+
+    decoded = greedy_generate(model, prompts, max_new_tokens=n, batch_size=max(1, len(prompts)))
+    return [list(d.token_ids) for d in decoded]
 
 
 async def _run_config(model: Any, tokenizer: Any, prompts: list[list[int]], refs: list[list[int]], *,
                       sessions: int, batching: bool, rounds: int, k: int, corrupt: float,
                       window_s: float) -> dict[str, Any]:
-    from tether.cloud import CloudConfig, CloudServer, RemoteCloud, SessionManager
+    from tether.cloud import CloudConfig, CloudServer, SessionManager
+    from tether.edge import RemoteCloud
     from tether.protocol import KeyPair
 
     cfg = CloudConfig(batching=batching, max_batch=8, batch_window_s=window_s, max_tokens=4096,
@@ -276,7 +247,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     if not args.no_docs:
-        write_section(args.docs / "benchmarks.md", SECTION, _markdown(report))
+        from benchmarks._report import update_docs_section
+
+        update_docs_section(SECTION, _markdown(report), path=args.docs / "benchmarks.md")
     for t in targets:
         print(("MET    " if t["met"] else "MISSED ") + f"{t['target']}: {t['measured']}")
     return report

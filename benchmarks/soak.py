@@ -72,6 +72,25 @@ def _tiny_pair(model_dir: Path, tokenizer: Any) -> tuple[Any, Any]:
 # -- the server process -------------------------------------------------------------------------
 
 
+async def read_serve_banner(proc: asyncio.subprocess.Process, *, timeout: float) -> dict[str, str]:
+    """What a starting `tether serve` prints about itself: ``url`` (ws://), ``fingerprint``
+    and ``key`` of its public key, ``http`` (its HTTP port's URL). Each line may take up to
+    `timeout` seconds; raises RuntimeError if the process exits first."""
+    found: dict[str, str] = {}
+    assert proc.stdout is not None
+    while "http" not in found:
+        line = (await asyncio.wait_for(proc.stdout.readline(), timeout)).decode()
+        if not line:
+            raise RuntimeError("tether serve exited before printing its banner")
+        if m := re.search(r"listening\s+(ws://\S+)", line):
+            found["url"] = m.group(1)
+        if m := re.search(r"server key (\S+)\s+\(clients pin this key: (\S+)\)", line):
+            found["fingerprint"], found["key"] = m.group(1), m.group(2)
+        if m := re.search(r"http\s+(http://\S+)", line):
+            found["http"] = m.group(1)
+    return found
+
+
 class ServeProcess:
     """`tether serve` in a child process; its banner gives the URL, the key and the HTTP port."""
 
@@ -87,18 +106,7 @@ class ServeProcess:
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
-        found: dict[str, str] = {}
-        assert proc.stdout is not None
-        while "http" not in found:
-            line = (await asyncio.wait_for(proc.stdout.readline(), 600)).decode()
-            if not line:
-                raise RuntimeError("tether serve exited before printing its banner")
-            if m := re.search(r"listening\s+(ws://\S+)", line):
-                found["url"] = m.group(1)
-            if m := re.search(r"clients pin this key: (\S+)\)", line):
-                found["key"] = m.group(1)
-            if m := re.search(r"http\s+(http://\S+)", line):
-                found["http"] = m.group(1)
+        found = await read_serve_banner(proc, timeout=600.0)
         return cls(proc, found["url"], found["key"], found["http"])
 
     def rss_mb(self) -> float:

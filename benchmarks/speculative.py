@@ -282,32 +282,6 @@ def _plot(results: dict[str, dict[str, Any]], rtts: list[int], path: Path) -> No
     fig.savefig(path, dpi=110)
 
 
-def write_section(doc: Path, name: str, body: str) -> None:
-    """Replace (or append) the section between ``<!-- bench:NAME -->`` markers in `doc`.
-
-    Uses `benchmarks._report.update_docs_section` when the docs are the repository's.
-    """
-    try:
-        from benchmarks._report import update_docs_section
-
-        if doc.resolve() == (ROOT / "docs" / "benchmarks.md").resolve():
-            update_docs_section(name, body)
-            return
-    except ImportError:
-        pass
-    start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n\nMeasured numbers and the commands that reproduce them.\n"
-    block = f"{start}\n{body.rstrip()}\n{end}"
-    if start in text and end in text:
-        before, rest = text.split(start, 1)
-        _, after = rest.split(end, 1)
-        text = before + block + after
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(text)
-
-
 def _markdown(report: dict[str, Any]) -> str:
     res, rtts, cond = report["results"], report["rtts_ms"], report["conditions"]
     lines = [
@@ -476,7 +450,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     if not args.no_docs:
         _plot(results, list(args.rtts), args.docs / "speculative_rtt.png")
-        write_section(args.docs / "benchmarks.md", SECTION, _markdown(report))
+        from benchmarks._report import update_docs_section
+
+        update_docs_section(SECTION, _markdown(report), path=args.docs / "benchmarks.md")
     for t in report["targets"]:
         print(("MET    " if t["met"] else "MISSED ") + f"{t['target']}: {t['measured']}")
     return report

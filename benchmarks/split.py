@@ -39,13 +39,13 @@ from typing import Any
 import typer
 
 from benchmarks.prompts import CHAT_PROMPTS
+from tether.protocol import COMPRESSIONS  # every compression of the one vocabulary is measured
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "benchmarks" / "results" / "split_cache"
 SECTION = "split"
 K_LIST = (7, 14, 21, 24)
 EXIT_LAYERS = (21, 24)  # k=14's head answered 7% at 98% in the first run: not worth the device's time
-COMPRESSIONS = ("fp32", "fp16", "bf16", "int8", "int8-deflate", "int4")
 LOSSLESS_OVER = {"int8-deflate": "int8"}  # same decoded values: the cloud half is not run twice
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99)
 RTTS_MS = (20, 50)
@@ -125,6 +125,7 @@ def stage_reference(budget: Budget) -> bool:
     import torch
 
     from tether.edge._text import build_prompt
+    from tether.runtime import greedy_generate
 
     ref = _load("reference")
     todo = [i for i in range(len(PROMPTS)) if str(i) not in ref]
@@ -132,23 +133,15 @@ def stage_reference(budget: Budget) -> bool:
         return True
     rt, tok = _model()
     ref["model"] = {"hidden_size": rt.info.hidden_size, "num_layers": rt.info.num_layers}
-    eos = set(rt.info.eos_token_ids) | {tok.eos_token_id}
+    eos = set(rt.info.eos_token_ids) | ({tok.eos_token_id} if tok.eos_token_id is not None else set())
     for i in todo:
         if budget.spent:
             return False
         ids = build_prompt(tok, PROMPTS[i], chat_template=None, system=None)
         t0 = time.perf_counter()
-        state = rt.new_state()
-        out: list[int] = []
         with torch.inference_mode():
-            logits = rt.extend(state, ids)[-1]
-            for _ in range(NEW_TOKENS):
-                token = int(logits.argmax())
-                out.append(token)
-                if token in eos:
-                    break
-                logits = rt.extend(state, [token])[-1]
-        rt.release(state)
+            (d,) = greedy_generate(rt, [ids], max_new_tokens=NEW_TOKENS, stop_ids=eos)
+        out = list(d.token_ids) + ([d.stop_id] if d.stop_id is not None else [])  # the reference keeps its eos
         ref[str(i)] = {"prompt": PROMPTS[i], "prompt_ids": ids, "output_ids": out,
                        "seconds": round(time.perf_counter() - t0, 2)}
         _save("reference", ref)

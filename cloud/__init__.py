@@ -1,43 +1,41 @@
 """tether.cloud: the service that holds the large model and each edge session's state.
 
-`CloudSessionAPI` is the transport-independent contract of one session; the in-process
-backend (`CloudSession` over a `tether.runtime.CausalLM`), the OpenAI-compatible HTTP
-backend and the remote client over the encrypted protocol all implement it.
+It implements the session contract (`tether.contract.CloudSessionAPI`, re-exported here with
+its values and errors: the same objects): the in-process backend (`CloudSession` over a
+`tether.runtime.CausalLM`) and the OpenAI-compatible HTTP backend; `CloudServer` puts it on
+the encrypted protocol. The device side of that protocol is `tether.edge.RemoteCloud`.
 """
 
-from tether.cloud._api import (
+from tether.contract import (
+    BackendError,
     Capabilities,
     ChatMessage,
     ChatResult,
+    CloudError,
     CloudSessionAPI,
     FinishReason,
     GenerateChunk,
     HiddenResult,
+    InvalidRequest,
     SamplingParams,
     ScoreResult,
+    ServerOverloaded,
+    SessionEvicted,
     SessionInfo,
+    SessionLimitExceeded,
+    SessionNotOpen,
     SparseProbs,
+    UnsupportedOperation,
     VerifyResult,
     as_messages,
+    error_from_code,
 )
 from tether.cloud._batcher import Batcher, ForwardOutput
 from tether.cloud._config import CloudConfig
-from tether.cloud._errors import (
-    BackendError,
-    CloudError,
-    InvalidRequest,
-    ServerOverloaded,
-    SessionEvicted,
-    SessionLimitExceeded,
-    SessionNotOpen,
-    UnsupportedOperation,
-    error_from_code,
-)
 from tether.cloud._http import HttpCloudSession
 from tether.cloud._manager import SessionManager, kv_bytes_per_token
 from tether.cloud._metrics import Metrics
 from tether.cloud._openai import OpenAIApp
-from tether.cloud._remote import RemoteCloud, RemoteCloudSession
 from tether.cloud._server import CloudServer
 from tether.cloud._session import CloudSession, SessionStatus
 
@@ -60,8 +58,6 @@ __all__ = [
     "InvalidRequest",
     "Metrics",
     "OpenAIApp",
-    "RemoteCloud",
-    "RemoteCloudSession",
     "SamplingParams",
     "ScoreResult",
     "ServerOverloaded",

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from tether.cloud._api import SamplingParams, SparseProbs
-from tether.cloud._errors import InvalidRequest
+from tether.contract import SamplingParams, SparseProbs
+from tether.contract import InvalidRequest
 from tether.sampling import warp
 
 

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from tether.cloud._errors import CloudError
+from tether.contract import CloudError
 from tether.cloud._metrics import Metrics
 from tether.runtime import CausalLM, KVState
 

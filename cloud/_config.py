@@ -1,7 +1,7 @@
 """Server and session limits: one frozen dataclass, loadable from a TOML or JSON file.
 
 What belongs here: every tunable of the cloud service with a safe default. What does not:
-command-line parsing (see `_cli.py`) or the model choice.
+command-line parsing (see `tether/cli/_serve.py`) or the model choice.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ class CloudConfig:
             its connections (`SessionLimitExceeded`, ErrorReply LIMIT_EXCEEDED, beyond).
         max_connections: protocol connections open at once, handshakes included; more are
             closed before the handshake with 1013 TRY_AGAIN_LATER.
-        max_connections_per_client: connections one client key may hold; more are closed
-            after the handshake with 4060 TOO_MANY_CONNECTIONS.
+        max_connections_per_client: connections one client key may hold; more are refused
+            after the client's Hello (its key proven), before the Welcome, with an encrypted
+            Goodbye 4060 TOO_MANY_CONNECTIONS (`connect()` raises `TooManyConnections`).
         requests_per_second, burst: each client key's request rate (a token bucket over all
             its connections); a request over it gets ErrorReply(OVERLOADED, retryable)
             saying when to retry. See docs/reliability.md.
@@ -38,6 +39,14 @@ class CloudConfig:
         idle_timeout_s: a session with no request for this long is evicted (reason "idle").
         kv_budget_bytes: memory for all sessions' KV caches; least recently used idle
             sessions are evicted (reason "memory") to stay under it.
+        kv_budget_per_client_bytes: the share of `kv_budget_bytes` one client key's sessions
+            may hold together. A client that fills its share evicts its own least recently
+            used idle sessions, never another client's. None (default): a quarter of
+            `kv_budget_bytes`, but at least what one session of `max_tokens` positions
+            needs (and at most the total), so four clients can each fill their share before
+            the total budget is reached; past it, the victim is the least recently used idle
+            session of the client holding the most. In-process sessions (no client key) are
+            not capped. The manager resolves the default (`SessionManager.kv_budget_per_client`).
         batching: run forward passes of different sessions together.
         batch_window_s: how long an idle worker waits for more requests after the first.
         batch_window_frac: ... or this fraction of the recent forward time, if longer (a
@@ -49,7 +58,10 @@ class CloudConfig:
         prefill_chunk: prompts are run in chunks of at most this many tokens, so other
             sessions' decode steps interleave with a long prefill.
         request_timeout_s: a request still waiting or running after this long fails.
-        shutdown_grace_s: on SIGTERM, how long in-flight requests may take to finish.
+        shutdown_grace_s: on SIGTERM, how long in-flight protocol requests may take to
+            finish (OpenAI-compatible requests end at once; a stream with an error event).
+        max_request_bytes: largest HTTP request body the OpenAI-compatible port reads
+            (413 beyond, checked on the declared length and again while reading).
     """
 
     max_sessions: int = 64
@@ -65,6 +77,7 @@ class CloudConfig:
     max_chat_tokens: int = 1024
     idle_timeout_s: float = 600.0
     kv_budget_bytes: int = 4 * 1024**3
+    kv_budget_per_client_bytes: int | None = None
     batching: bool = True
     batch_window_s: float = 0.003
     batch_window_frac: float = 0.05
@@ -73,15 +86,20 @@ class CloudConfig:
     prefill_chunk: int = 256
     request_timeout_s: float = 300.0
     shutdown_grace_s: float = 30.0
+    max_request_bytes: int = 8 * 1024 * 1024
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, bool):
+            if isinstance(value, bool) or value is None:
                 continue
             minimum = 0 if f.name in ("batch_window_s", "batch_window_frac") else 1e-9
             if not value >= minimum:
                 raise ConfigurationError(f"cloud config: {f.name} must be > 0, got {value!r}")
+        share = self.kv_budget_per_client_bytes
+        if share is not None and share > self.kv_budget_bytes:
+            raise ConfigurationError(f"cloud config: kv_budget_per_client_bytes ({share}) exceeds kv_budget_bytes "
+                                     f"({self.kv_budget_bytes}); lower it or raise the total")
 
     def admission(self) -> Any:
         """The protocol-level limits of this config (`tether.protocol.AdmissionLimits`)."""
@@ -130,7 +148,8 @@ class CloudConfig:
             if isinstance(default, bool):
                 if not isinstance(value, bool):
                     raise ConfigurationError(f"config file {p}: {name} must be true or false")
-            elif isinstance(default, int) and not isinstance(default, bool):
+            elif (isinstance(default, int) and not isinstance(default, bool)) or default is None:
+                # (the optional fields are byte counts: integers when set)
                 if not isinstance(value, int) or isinstance(value, bool):
                     raise ConfigurationError(f"config file {p}: {name} must be an integer")
             elif not isinstance(value, (int, float)) or isinstance(value, bool):

@@ -31,7 +31,7 @@ import numpy.typing as npt
 import torch
 
 from tether.cloud._acceptance import greedy_accept, speculative_accept, target_probs
-from tether.cloud._api import (
+from tether.contract import (
     Capabilities,
     ChatMessage,
     ChatResult,
@@ -44,7 +44,7 @@ from tether.cloud._api import (
     VerifyResult,
     as_messages,
 )
-from tether.cloud._errors import (
+from tether.contract import (
     BackendError,
     InvalidRequest,
     ServerOverloaded,
@@ -152,7 +152,8 @@ class HttpCloudSession:
             code = err.get("code") if isinstance(err, dict) else None
             if isinstance(code, str) and code in ("invalid_request", "limit_exceeded", "unsupported", "evicted",
                                                   "overloaded"):
-                raise error_from_code(code, message)
+                reason = err.get("reason") if isinstance(err, dict) else None  # an eviction's reason field
+                raise error_from_code(code, message, reason=reason if isinstance(reason, str) else None)
             if r.status_code in (429, 503):
                 raise ServerOverloaded(f"engine is overloaded ({r.status_code}): {message}")
             if 400 <= r.status_code < 500:
@@ -326,7 +327,8 @@ class HttpCloudSession:
             raise InvalidRequest("generate needs at least one committed token; append the prompt first")
         if n < 0:
             raise InvalidRequest(f"generate needs n >= 0, got {n}")
-        self._check_room(n)
+        if self._max_tokens is not None:  # up to the context limit, as the in-process session does
+            n = min(n, max(0, self._max_tokens - len(self._tokens)))
         if n == 0:
             yield GenerateChunk(token_ids=(), finish_reason="length", length=len(self._tokens), forward_passes=0)
             return
@@ -340,7 +342,10 @@ class HttpCloudSession:
             async for chunk in self._generate_generic(body, stops):
                 yield chunk
             return
-        body.update({"logprobs": 0, "return_tokens_as_token_ids": True, "stop_token_ids": stops})
+        # The contract generates `n` tokens unless a stop id comes; vLLM and Tether's own port
+        # end at end-of-sequence unless told otherwise.
+        body.update({"logprobs": 0, "return_tokens_as_token_ids": True, "stop_token_ids": stops,
+                     "ignore_eos": True})
         if s.top_k:
             body["top_k"] = s.top_k
         try:

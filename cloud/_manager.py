@@ -19,10 +19,10 @@ from typing import Any
 import torch
 
 from tether.cloud._acceptance import sample_token
-from tether.cloud._api import Capabilities, ChatMessage, ChatResult, SamplingParams, SessionInfo
+from tether.contract import Capabilities, ChatMessage, ChatResult, SamplingParams, SessionInfo
 from tether.cloud._batcher import Batcher
 from tether.cloud._config import CloudConfig
-from tether.cloud._errors import (
+from tether.contract import (
     InvalidRequest,
     ServerOverloaded,
     SessionLimitExceeded,
@@ -31,6 +31,7 @@ from tether.cloud._errors import (
 from tether.cloud._metrics import Metrics
 from tether.cloud._session import CloudSession
 from tether.runtime import CausalLM, LayerwiseLM
+from tether.text import IncrementalDetokenizer
 
 log = logging.getLogger("tether.cloud.manager")
 
@@ -99,6 +100,13 @@ class SessionManager:
                                expected=self._active_sessions)
         self.max_tokens = min(cfg.max_tokens, model.info.max_positions)
         self.kv_bytes_per_token = kv_bytes_per_token(model)
+        # Each client key's share of the KV budget (CloudConfig.kv_budget_per_client_bytes):
+        # by default a quarter of the total, but never too small for one full-length session.
+        share = cfg.kv_budget_per_client_bytes
+        if share is None:
+            one_session = self._capacity(self.max_tokens) * self.kv_bytes_per_token
+            share = min(cfg.kv_budget_bytes, max(cfg.kv_budget_bytes // 4, one_session))
+        self.kv_budget_per_client = share
         self._sessions: collections.OrderedDict[str, CloudSession] = collections.OrderedDict()
         self._owners: dict[str, str] = {}  # session id -> client that opened it (when known)
         self._reaper: asyncio.Task[None] | None = None
@@ -260,10 +268,14 @@ class SessionManager:
                    layer_fraction: float | None = None) -> None:
         """Make room for `s` to hold `tokens` positions (and `chat_tokens` in a chat cache).
 
-        Evicts least recently used idle sessions as needed.
+        First the client's share (`kv_budget_per_client`): a client over it evicts
+        its own least recently used idle sessions, never another client's. Then the total
+        budget: the victim is the least recently used idle session of the client holding the
+        most KV (in-process sessions, which have no client key, count as one client).
 
         Raises:
-            SessionLimitExceeded: this session alone would exceed the budget.
+            SessionLimitExceeded: this session alone would exceed the budget or its client's
+                share, or the client's other sessions hold its share and are busy.
             ServerOverloaded: the budget is held by sessions that are busy right now.
         """
         budget = self.config.kv_budget_bytes
@@ -273,10 +285,19 @@ class SessionManager:
                 f"session {s.id} would need {mine} bytes of KV cache (kv_budget_bytes={budget})",
                 limit_name="kv_budget_bytes", value=mine, limit=budget,
             )
+        owner = self._owners.get(s.id)
+        if owner is not None:
+            self._reserve_client_share(s, owner, mine)
         while mine + sum(self._session_bytes(o) for o in self._sessions.values() if o is not s) > budget:
-            victim = next((o for o in self._sessions.values() if o is not s and not o.busy), None)
-            if victim is None:
+            held: dict[str | None, int] = {self._owners.get(s.id): mine}
+            for o in self._sessions.values():
+                if o is not s:
+                    key = self._owners.get(o.id)
+                    held[key] = held.get(key, 0) + self._session_bytes(o)
+            idle = [o for o in self._sessions.values() if o is not s and not o.busy]  # least recently used first
+            if not idle:
                 raise ServerOverloaded("the KV memory budget is held by busy sessions; retry shortly")
+            victim = max(idle, key=lambda o: held[self._owners.get(o.id)])  # max keeps the first (LRU) of ties
             victim.evict("memory")
         if tokens is not None:
             s.kv_tokens = tokens
@@ -286,6 +307,29 @@ class SessionManager:
         if layer_fraction is not None:
             s.kv_fraction = layer_fraction
         self.metrics.kv_bytes.set(self.kv_bytes())
+
+    def _reserve_client_share(self, s: CloudSession, owner: str, mine: int) -> None:
+        """Evict `owner`'s own least recently used idle sessions until `s` fits its share."""
+        share = self.kv_budget_per_client
+        if mine > share:
+            raise SessionLimitExceeded(
+                f"session {s.id} would need {mine} bytes of KV cache, more than this client's share "
+                f"(kv_budget_per_client_bytes={share})",
+                limit_name="kv_budget_per_client_bytes", value=mine, limit=share,
+            )
+        while True:
+            own = [o for o in self._sessions.values() if o is not s and self._owners.get(o.id) == owner]
+            held = mine + sum(self._session_bytes(o) for o in own)
+            if held <= share:
+                return
+            victim = next((o for o in own if not o.busy), None)  # least recently used first
+            if victim is None:
+                raise SessionLimitExceeded(
+                    f"this client's busy sessions hold its KV share (kv_budget_per_client_bytes={share}); "
+                    "close a session or retry when a request finishes",
+                    limit_name="kv_budget_per_client_bytes", value=held, limit=share,
+                )
+            victim.evict("memory")
 
     # -- bookkeeping ------------------------------------------------------------------------
 
@@ -328,11 +372,14 @@ class SessionManager:
         temperature: float,
         json_mode: bool,
         generator: torch.Generator,
+        top_p: float = 1.0,
+        top_k: int = 0,
     ) -> ChatResult:
         """Chat completion on a temporary cache, charged to session `s`'s memory."""
         result: ChatResult | None = None
         async for _, final in self.chat_stream(s, messages, max_tokens=max_tokens, temperature=temperature,
-                                               json_mode=json_mode, generator=generator):
+                                               top_p=top_p, top_k=top_k, json_mode=json_mode,
+                                               generator=generator):
             result = final if final is not None else result
         assert result is not None
         return result
@@ -347,33 +394,39 @@ class SessionManager:
         json_mode: bool,
         generator: torch.Generator,
         top_p: float = 1.0,
+        top_k: int = 0,
     ) -> AsyncIterator[tuple[str, ChatResult | None]]:
-        """Stream a chat completion: ``(text delta, None)`` per token, then ``("", result)``."""
+        """Stream a chat completion: ``(text delta, None)`` as tokens complete whole characters
+        (the incremental detokenizer: no re-decoding of the reply), then ``("", result)``
+        whose text is the deltas joined."""
         if not 0 < max_tokens <= self.config.max_chat_tokens:
             raise SessionLimitExceeded(
                 f"max_tokens={max_tokens} is outside [1, {self.config.max_chat_tokens}] (max_chat_tokens)",
                 limit_name="max_chat_tokens", value=max_tokens, limit=self.config.max_chat_tokens,
             )
-        sampling = SamplingParams(temperature=temperature, top_p=top_p)
+        sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
         prompt = self.chat_prompt_ids(messages)
-        if len(prompt) + max_tokens > self.max_tokens:
+        if len(prompt) >= self.max_tokens:
             raise SessionLimitExceeded(
-                f"chat prompt of {len(prompt)} tokens plus max_tokens={max_tokens} exceeds max_tokens={self.max_tokens}",
-                limit_name="max_tokens", value=len(prompt) + max_tokens, limit=self.max_tokens,
+                f"chat prompt of {len(prompt)} tokens leaves no room under max_tokens={self.max_tokens}",
+                limit_name="max_tokens", value=len(prompt) + 1, limit=self.max_tokens,
             )
+        # The reply stops at the context limit (finish_reason "length") rather than being refused.
+        max_tokens = min(max_tokens, self.max_tokens - len(prompt))
         stops = set(self.model.info.eos_token_ids)
         eos_tok = getattr(self.tokenizer, "eos_token_id", None)
         if isinstance(eos_tok, int):
             stops.add(eos_tok)
         constraint = None
         if json_mode:
-            from tether.cloud._jsonmode import JsonConstraint
+            from tether.jsonmode import JsonConstraint
 
             constraint = JsonConstraint(self.tokenizer, self.model.info.vocab_size)
         state = self.model.new_state()
         compute = 0.0
         out: list[int] = []
-        sent = ""
+        detok = IncrementalDetokenizer(self.tokenizer)  # text per token without re-decoding the reply
+        pieces: list[str] = []
         finish: Any = "length"
         try:
             feed = prompt
@@ -396,10 +449,10 @@ class SessionManager:
                     finish = "stop"
                     break
                 out.append(token)
-                text = self.tokenizer.decode(out, skip_special_tokens=True)
-                if not text.endswith("\ufffd") and len(text) > len(sent) and text.startswith(sent):
-                    yield text[len(sent):], None
-                    sent = text
+                piece = detok.push(token)  # "" while a character is incomplete
+                if piece:
+                    pieces.append(piece)
+                    yield piece, None
                 if constraint is not None and constraint.complete:
                     finish = "stop"
                     break
@@ -409,8 +462,11 @@ class SessionManager:
         finally:
             self.model.release(state)
             s.chat_tokens = 0
-        text = self.tokenizer.decode(out, skip_special_tokens=True)
-        if len(text) > len(sent) and text.startswith(sent):
-            yield text[len(sent):], None
+        tail = detok.flush()
+        if tail:
+            pieces.append(tail)
+            yield tail, None
+        # The result's text is exactly what was streamed.
+        text = "".join(pieces)
         yield "", ChatResult(text=text, prompt_tokens=len(prompt), completion_tokens=len(out), finish_reason=finish,
                              compute_s=compute)

@@ -5,17 +5,10 @@ and its result back into the reply message; mapping `CloudError`s to `ErrorReply
 the server's lifecycle (start, readiness, graceful drain on SIGTERM, stop). What does not:
 session semantics (`_session.py`), the wire format (`tether.protocol`).
 
-Message mapping (request -> session call -> reply):
-
-    OpenSession    -> open (+ append of `prompt`)  -> SessionOpened
-    AppendTokens   -> append                       -> Appended
-    VerifyDraft    -> verify                       -> VerifyResult
-    ScoreTokens    -> score                        -> Scores
-    Generate       -> generate (streamed)          -> GenerateChunk...
-    ContinueHidden -> continue_hidden              -> HiddenResult
-    Chat           -> chat / chat_stream           -> ChatChunk (one, or streamed deltas)
-    Rollback       -> rollback                     -> RolledBack
-    CloseSession   -> close                        -> SessionClosed
+Which request calls which session method, and how arguments and results convert, is one
+table read by this server and by the device (`tether.protocol.OPERATIONS`); this module
+only finds the session a request names and runs the row. `Chat(stream=True)` is the one
+request outside the contract: it streams `CloudSession.chat_stream` deltas.
 
 Sessions belong to the connection that opened them and are closed when it goes away.
 Error replies carry only the `CloudError` message (never prompt text or internals).
@@ -26,27 +19,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import numpy as np
-
-from tether.cloud._api import SamplingParams, SparseProbs
-from tether.cloud._errors import (
-    BackendError,
-    CloudError,
-    InvalidRequest,
-    ServerOverloaded,
-    SessionEvicted,
-    SessionLimitExceeded,
-    SessionNotOpen,
-    UnsupportedOperation,
-)
 from tether.cloud._manager import SessionManager, current_client
 from tether.cloud._openai import OpenAIApp
 from tether.cloud._session import CloudSession
+from tether.contract import CloudError, SamplingParams, SessionNotOpen
+from tether.protocol import (
+    Chat,
+    ChatChunk,
+    ErrorCode,
+    Operation,
+    RequestBounds,
+    RequestFailed,
+    capability_names,
+    error_reply_fields,
+    operation_for,
+)
 
 log = logging.getLogger("tether.cloud.server")
 
@@ -55,57 +48,10 @@ log = logging.getLogger("tether.cloud.server")
 _wants_cost: contextvars.ContextVar[bool] = contextvars.ContextVar("tether_wants_cost", default=False)
 
 
-def _cost(result: Any) -> dict[str, Any]:
-    """The optional cost fields of a reply, for clients that asked for them."""
-    if not _wants_cost.get():
-        return {}
-    return {"forward_passes": int(result.forward_passes), "compute_s": float(result.compute_s),
-            "queue_s": float(getattr(result, "queue_s", 0.0))}
-
-
-_CAPABILITY_NAMES = ("verify", "sampling_verify", "score", "generate", "hidden", "chat", "json_mode", "rollback")
-
-
-def capability_names(manager: SessionManager) -> tuple[str, ...]:
-    """The capabilities of the manager's backend as the strings the protocol announces."""
-    caps = manager.capabilities
-    return tuple(n for n in _CAPABILITY_NAMES if getattr(caps, n))
-
-
-def _error_code(exc: CloudError) -> tuple[Any, bool]:
-    from tether.protocol import ErrorCode
-
-    table: list[tuple[type[CloudError], Any, bool]] = [
-        (InvalidRequest, ErrorCode.BAD_REQUEST, False),
-        (UnsupportedOperation, ErrorCode.UNSUPPORTED, False),
-        (SessionNotOpen, ErrorCode.NOT_FOUND, False),
-        (SessionEvicted, ErrorCode.SESSION_EVICTED, False),
-        (SessionLimitExceeded, ErrorCode.LIMIT_EXCEEDED, False),
-        (ServerOverloaded, ErrorCode.OVERLOADED, True),
-        (BackendError, ErrorCode.INTERNAL, True),
-    ]
-    for cls, code, retry in table:
-        if isinstance(exc, cls):
-            return code, retry
-    return ErrorCode.INTERNAL, False
-
-
-def _sampling(msg_sampling: Any, seed: int | None) -> SamplingParams:
-    return SamplingParams(temperature=float(msg_sampling.temperature), top_p=float(msg_sampling.top_p),
-                          top_k=int(msg_sampling.top_k), seed=seed)
-
-
-def _draft_probs(indices: np.ndarray | None, probs: np.ndarray | None) -> SparseProbs | None:
-    """Rows of (m ids, m probs); entries with probability 0 are padding and dropped."""
-    if indices is None or probs is None:
-        return None
-    ids_rows: list[tuple[int, ...]] = []
-    p_rows: list[tuple[float, ...]] = []
-    for ids, ps in zip(indices.tolist(), probs.tolist(), strict=True):
-        keep = [(int(i), float(p)) for i, p in zip(ids, ps, strict=True) if p > 0.0]
-        ids_rows.append(tuple(i for i, _ in keep))
-        p_rows.append(tuple(p for _, p in keep))
-    return SparseProbs(ids=tuple(ids_rows), probs=tuple(p_rows))
+def _failed(exc: CloudError) -> RequestFailed:
+    """The ErrorReply for a contract error: its code, retry hint and eviction reason from the table."""
+    code, retryable, reason = error_reply_fields(exc)
+    return RequestFailed(code, str(exc)[:1000], retryable=retryable, reason=reason)
 
 
 class CloudServer:
@@ -150,6 +96,7 @@ class CloudServer:
         self._options = protocol_options or {}
         self._server: Any = None
         self._http: Any = None
+        self._openai: OpenAIApp | None = None
         self._http_task: asyncio.Task[None] | None = None
         self._ready = False
         self._stopped = asyncio.Event()
@@ -182,7 +129,7 @@ class CloudServer:
         await self.manager.start()
         self._server = await serve(self._handle, self.host, self.port, server_keys=self.keys,
                                    allowlist=self.allowlist, token=self.token, server_name="tether-cloud",
-                                   capabilities=capability_names(self.manager),
+                                   capabilities=capability_names(self.manager.capabilities),
                                    models=(self.manager.model_name,),
                                    **{"admission": self.manager.config.admission(), **self._options})
         self.port = int(self._server.port)
@@ -195,8 +142,8 @@ class CloudServer:
     async def _start_http(self) -> None:
         import uvicorn
 
-        app = OpenAIApp(self.manager, api_key=self.api_key, ready=lambda: self._ready).app
-        config = uvicorn.Config(app, host=self.http_host, port=self.http_port or 0, log_level="warning",
+        self._openai = OpenAIApp(self.manager, api_key=self.api_key, ready=lambda: self._ready)
+        config = uvicorn.Config(self._openai.app, host=self.http_host, port=self.http_port or 0, log_level="warning",
                                 lifespan="off", access_log=False)
         self._http = uvicorn.Server(config)
         self._http.install_signal_handlers = lambda: None  # we own the signals
@@ -208,12 +155,17 @@ class CloudServer:
         self.http_port = int(self._http.servers[0].sockets[0].getsockname()[1])
 
     async def close(self, *, grace: float | None = None) -> None:
-        """Graceful shutdown: refuse new work, let requests in flight finish for up to `grace`
-        seconds (default `CloudConfig.shutdown_grace_s`), then close connections and sessions."""
+        """Graceful shutdown: refuse new work, let protocol requests in flight finish for up to
+        `grace` seconds (default `CloudConfig.shutdown_grace_s`), then close connections and
+        sessions. OpenAI-compatible requests end at once (a stream with an error event): an
+        HTTP client retries elsewhere, and a long stream would otherwise hold the drain for the
+        whole grace."""
         if self._stopped.is_set():
             return
         grace = self.manager.config.shutdown_grace_s if grace is None else grace
         self._ready = False
+        if self._openai is not None:
+            self._openai.shutdown()
         log.info("cloud server draining", extra={"grace_s": grace})
         if self._server is not None:
             await self._server.close(grace=grace)
@@ -255,12 +207,20 @@ class CloudServer:
             log.info("client disconnected", extra={"client": client, "sessions_closed": len(sessions)})
 
     def _dispatch(self, request: Any, sessions: dict[str, CloudSession]) -> Any:
-        from tether.protocol import Chat, Generate
-
         msg = request.message
-        if isinstance(msg, Generate) or (isinstance(msg, Chat) and msg.stream):
-            return self._stream(msg, sessions)
-        return self._call(msg, sessions)
+        if isinstance(msg, Chat) and msg.stream:
+            return self._chat_stream(msg, sessions)
+        try:
+            op = operation_for(msg)
+        except CloudError as exc:  # a request type outside the session API: the client's mistake
+            raise _failed(exc) from exc
+        if op.streaming:
+            return self._stream(op, msg, sessions)
+        return self._call(op, msg, sessions)
+
+    @property
+    def _bounds(self) -> RequestBounds:
+        return RequestBounds(max_draft=self.manager.config.max_draft, vocab_size=self.manager.model.info.vocab_size)
 
     def _session(self, sessions: dict[str, CloudSession], session_id: str) -> CloudSession:
         s = sessions.get(session_id)
@@ -268,47 +228,23 @@ class CloudServer:
             raise SessionNotOpen(f"no session {session_id!r} on this connection")
         return s
 
-    async def _call(self, msg: Any, sessions: dict[str, CloudSession]) -> Any:
-        from tether.protocol import RequestFailed
-
+    async def _call(self, op: Operation, msg: Any, sessions: dict[str, CloudSession]) -> Any:
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self.manager.config.request_timeout_s):
-                return await self._run(msg, sessions)
+                return await self._run(op, msg, sessions)
         except CloudError as exc:
-            code, retry = _error_code(exc)
-            raise RequestFailed(code, str(exc)[:1000], retryable=retry) from exc
+            raise _failed(exc) from exc
         except TimeoutError as exc:
-            from tether.protocol import ErrorCode
-
             raise RequestFailed(ErrorCode.TIMEOUT, "request timed out on the server", retryable=True) from exc
         finally:
-            log.debug("request done", extra={"op": type(msg).__name__, "seconds": time.perf_counter() - started})
+            log.debug("request done", extra={"op": op.method, "seconds": time.perf_counter() - started})
 
-    async def _run(self, msg: Any, sessions: dict[str, CloudSession]) -> Any:  # noqa: C901 - one branch per type
-        from tether.protocol import (
-            Appended,
-            AppendTokens,
-            Chat,
-            ChatChunk,
-            CloseSession,
-            ContinueHidden,
-            HiddenResult,
-            OpenSession,
-            Rollback,
-            RolledBack,
-            ScoreTokens,
-            Scores,
-            SessionClosed,
-            SessionOpened,
-            VerifyDraft,
-            VerifyResult,
-        )
-
-        if isinstance(msg, OpenSession):
+    async def _run(self, op: Operation, msg: Any, sessions: dict[str, CloudSession]) -> Any:
+        args, kwargs = op.decode_request(msg, self._bounds)
+        if op.method == "open":  # a new session, owned by this connection; then the optional prompt
             s = self.manager.session()
-            info = await s.open(sampling=_sampling(msg.sampling, msg.seed), model=msg.model,
-                                max_tokens=msg.max_tokens)
+            info = await s.open(*args, **kwargs)
             sessions[s.id] = s
             if msg.prompt is not None and len(msg.prompt):
                 try:
@@ -317,59 +253,20 @@ class CloudServer:
                     sessions.pop(s.id, None)
                     await s.close()
                     raise
-            return SessionOpened(session_id=s.id, model=info.model, vocab_size=info.vocab_size,
-                                 max_context=info.max_tokens, length=s.length,
-                                 capabilities=capability_names(self.manager),
-                                 eos_token_ids=tuple(info.eos_token_ids))
-        if isinstance(msg, AppendTokens):
-            s = self._session(sessions, msg.session_id)
-            return Appended(session_id=s.id, length=await s.append(msg.tokens.tolist()))
-        if isinstance(msg, VerifyDraft):
-            s = self._session(sessions, msg.session_id)
-            r = await s.verify(msg.tokens.tolist(), _draft_probs(msg.draft_indices, msg.draft_probs))
-            return VerifyResult(session_id=s.id, accepted=r.accepted, next_token=r.next_token, length=r.length,
-                                **_cost(r))
-        if isinstance(msg, ScoreTokens):
-            s = self._session(sessions, msg.session_id)
-            tokens = msg.tokens.tolist()
-            res = await s.score(tokens, top_k=msg.top_k, commit=msg.append)
-            rows = len(tokens) + (1 if msg.include_next else 0)
-            top_i = top_l = None
-            if msg.top_k > 0 and rows > 0:
-                top_i = np.asarray(res.top_ids[:rows], dtype=np.int64).reshape(rows, msg.top_k)
-                top_l = np.asarray(res.top_logprobs[:rows], dtype=np.float32).reshape(rows, msg.top_k)
-            return Scores(session_id=s.id, length=res.length,
-                          token_logprobs=np.asarray(res.token_logprobs, dtype=np.float32),
-                          top_indices=top_i, top_logprobs=top_l, **_cost(res))
-        if isinstance(msg, ContinueHidden):
-            s = self._session(sessions, msg.session_id)
-            h = await s.continue_hidden(msg.hidden.numpy(), layer=msg.layer, top_k=msg.top_k)
-            ti = tl = None
-            if msg.top_k > 0:
-                ti = np.asarray(h.top_ids, dtype=np.int64)
-                tl = np.asarray(h.top_logprobs, dtype=np.float32)
-            return HiddenResult(session_id=s.id, next_token=h.next_token, length=h.length,
-                                top_indices=ti, top_logprobs=tl, **_cost(h))
-        if isinstance(msg, Chat):
+            return dataclasses.replace(op.encode_reply(s.id, info, msg, False), length=s.length)
+        if op.method == "chat":  # a chat may name no session: it then runs on a temporary one
             s, owned = await self._chat_session(msg, sessions)
             try:
-                chat = await s.chat([{"role": m.role, "content": m.content} for m in msg.messages],
-                                    max_tokens=msg.max_tokens, temperature=float(msg.sampling.temperature),
-                                    json_mode=bool(msg.json_mode))
+                result = await s.chat(*args, **kwargs)
             finally:
                 if owned:
                     await s.close()
-            return ChatChunk(text=chat.text, finish_reason=chat.finish_reason, prompt_tokens=chat.prompt_tokens,
-                             completion_tokens=chat.completion_tokens, session_id=msg.session_id)
-        if isinstance(msg, Rollback):
-            s = self._session(sessions, msg.session_id)
-            return RolledBack(session_id=s.id, length=await s.rollback(msg.length))
-        if isinstance(msg, CloseSession):
-            s = self._session(sessions, msg.session_id)
+            return op.encode_reply(s.id, result, msg, _wants_cost.get())
+        s = self._session(sessions, msg.session_id)
+        if op.method == "close":
             sessions.pop(s.id, None)
-            await s.close()
-            return SessionClosed(session_id=s.id)
-        raise InvalidRequest(f"{type(msg).__name__} is not a request this server handles")
+        result = await getattr(s, op.method)(*args, **kwargs)
+        return op.encode_reply(s.id, result, msg, _wants_cost.get())
 
     async def _chat_session(self, msg: Any, sessions: dict[str, CloudSession]) -> tuple[CloudSession, bool]:
         if msg.session_id is not None:
@@ -378,24 +275,23 @@ class CloudServer:
         await s.open(sampling=SamplingParams(seed=msg.seed), model=msg.model)
         return s, True
 
-    async def _stream(self, msg: Any, sessions: dict[str, CloudSession]) -> AsyncIterator[Any]:
-        from tether.protocol import ChatChunk, ErrorCode, Generate, GenerateChunk, RequestFailed
-
+    async def _stream(self, op: Operation, msg: Any, sessions: dict[str, CloudSession]) -> AsyncIterator[Any]:
         try:
-            if isinstance(msg, Generate):
-                s = self._session(sessions, msg.session_id)
-                sampling = None
-                if msg.sampling is not None:
-                    sampling = _sampling(msg.sampling, None)
-                async for c in s.generate(msg.max_new_tokens, stop_ids=msg.stop_tokens, sampling=sampling):
-                    yield GenerateChunk(session_id=s.id, length=c.length, finish_reason=c.finish_reason,
-                                        tokens=np.asarray(c.token_ids, dtype=np.int64), **_cost(c))
-                return
+            args, kwargs = op.decode_request(msg, self._bounds)
+            s = self._session(sessions, msg.session_id)
+            async for chunk in getattr(s, op.method)(*args, **kwargs):
+                yield op.encode_reply(s.id, chunk, msg, _wants_cost.get())
+        except CloudError as exc:
+            raise _failed(exc) from exc
+        except TimeoutError as exc:
+            raise RequestFailed(ErrorCode.TIMEOUT, "request timed out on the server", retryable=True) from exc
+
+    async def _chat_stream(self, msg: Chat, sessions: dict[str, CloudSession]) -> AsyncIterator[Any]:
+        try:
             s, owned = await self._chat_session(msg, sessions)
             try:
                 async for delta, final in s.chat_stream(
-                        [{"role": m.role, "content": m.content} for m in msg.messages],
-                        max_tokens=msg.max_tokens, temperature=float(msg.sampling.temperature),
+                        msg.messages, max_tokens=msg.max_tokens, temperature=float(msg.sampling.temperature),
                         top_p=float(msg.sampling.top_p), json_mode=bool(msg.json_mode)):
                     if final is not None:
                         yield ChatChunk(text="", finish_reason=final.finish_reason,
@@ -407,7 +303,6 @@ class CloudServer:
                 if owned:
                     await s.close()
         except CloudError as exc:
-            code, retry = _error_code(exc)
-            raise RequestFailed(code, str(exc)[:1000], retryable=retry) from exc
+            raise _failed(exc) from exc
         except TimeoutError as exc:
             raise RequestFailed(ErrorCode.TIMEOUT, "request timed out on the server", retryable=True) from exc

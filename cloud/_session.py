@@ -25,7 +25,7 @@ import numpy.typing as npt
 import torch
 
 from tether.cloud._acceptance import greedy_accept, sample_token, speculative_accept, target_probs
-from tether.cloud._api import (
+from tether.contract import (
     Capabilities,
     ChatMessage,
     ChatResult,
@@ -38,7 +38,7 @@ from tether.cloud._api import (
     VerifyResult,
     as_messages,
 )
-from tether.cloud._errors import (
+from tether.contract import (
     CloudError,
     InvalidRequest,
     SessionEvicted,
@@ -422,8 +422,10 @@ class CloudSession:
             self._require_tokens("generate")
             if n < 0:
                 raise InvalidRequest(f"generate needs n >= 0, got {n}")
-            self._check_room(n)
             stops = set(self._check_ids(stop_ids, "generate stop_ids"))
+            # Up to the session's token limit, not refused past it: a generation that reaches
+            # max_tokens ends there with finish_reason "length", like one that reaches n.
+            n = min(n, max(0, self._max_tokens - len(self._tokens)))
             if n == 0:
                 yield GenerateChunk(token_ids=(), finish_reason="length", length=len(self._tokens),
                                     forward_passes=0)
@@ -431,10 +433,9 @@ class CloudSession:
             for i in range(n):
                 self._check_open()  # close() during a long generation stops it here
                 rows, passes, compute, _ = await self._forward_tail([])
-                if params.greedy:
-                    token = int(rows[-1].argmax())
-                else:
-                    token = sample_token(rows[-1], params, self._gen)
+                # The one token step chat shares (argmax when greedy). Forwards go through the
+                # batcher, joining other sessions' passes, so the runtime's decoder does not fit here.
+                token = sample_token(rows[-1], params, self._gen)
                 self._tokens.append(token)
                 self._settle()
                 self._m.tokens(verified=0, accepted=0, committed=1)
@@ -522,10 +523,14 @@ class CloudSession:
         max_tokens: int = 256,
         temperature: float = 0.0,
         json_mode: bool = False,
+        top_p: float = 1.0,
+        top_k: int = 0,
     ) -> ChatResult:
+        """See `CloudSessionAPI.chat`; `top_p` and `top_k` also cut the sampled distribution."""
         async with self._op("chat"):
             return await self._m.chat(self, as_messages(messages), max_tokens=max_tokens,
-                                      temperature=temperature, json_mode=json_mode, generator=self._gen)
+                                      temperature=temperature, top_p=top_p, top_k=top_k, json_mode=json_mode,
+                                      generator=self._gen)
 
     async def chat_stream(
         self,
@@ -535,10 +540,11 @@ class CloudSession:
         temperature: float = 0.0,
         top_p: float = 1.0,
         json_mode: bool = False,
+        top_k: int = 0,
     ) -> AsyncIterator[tuple[str, ChatResult | None]]:
         """Like `chat`, streamed: ``(text delta, None)`` as text is produced, then ``("", result)``."""
         async with self._op("chat"):
             async for item in self._m.chat_stream(self, as_messages(messages), max_tokens=max_tokens,
-                                                  temperature=temperature, top_p=top_p, json_mode=json_mode,
-                                                  generator=self._gen):
+                                                  temperature=temperature, top_p=top_p, top_k=top_k,
+                                                  json_mode=json_mode, generator=self._gen):
                 yield item

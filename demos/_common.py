@@ -12,8 +12,8 @@ from collections.abc import Iterable
 from rich.console import Console
 from rich.text import Text
 
-from tether.cli._chat import ORIGIN_STYLES, legend, printable
-from tether.edge import StreamToken
+from tether.cli._chat import legend, printable
+from tether.edge import ORIGIN_STYLES, StreamToken
 
 console = Console(highlight=False, soft_wrap=True)
 
@@ -31,5 +31,5 @@ def show_stream(tokens: Iterable[StreamToken]) -> None:
     """Print tokens as they arrive, each coloured by where it came from."""
     console.print(legend())
     for tok in tokens:
-        console.print(Text(printable(tok.text), style=ORIGIN_STYLES.get(tok.origin.value, "")), end="")
+        console.print(Text(printable(tok.text), style=ORIGIN_STYLES[tok.origin]), end="")
     console.print()

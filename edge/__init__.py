@@ -10,6 +10,10 @@ fraction of its cost). Every token is tagged with its `Origin`; every generation
 hidden states (compressed; `SplitOptions`), with optional early exit on the device
 (docs/split.md: what leaves the device, and why hidden states are not a privacy guarantee).
 
+Each mode is one entry of `MODE_REGISTRY` (its strategy builder, stats and options types, CLI
+knobs, origin colours, default threshold); `generate` / `stream` take a `GenerateOptions` or its
+fields as keywords.
+
 `EdgeClient.ask(task, documents=[...], mode="minion" | "minions")` answers questions about
 private documents that never leave the device: the cloud model plans, the edge model reads
 (Minion / MinionS; see docs/minions.md for exactly what is sent).
@@ -28,7 +32,7 @@ from tether.edge.minions import (
     WorkerResult,
 )
 from tether.edge._client import Client, EdgeClient, SyncGeneration
-from tether.edge._connectors import InProcessCloud, LazyCloud, LoopbackCloud
+from tether.edge._connectors import InProcessCloud, LazyCloud
 from tether.edge.speculative import (
     AdaptiveDraftLength,
     DraftLengthPolicy,
@@ -37,10 +41,11 @@ from tether.edge.speculative import (
     RoundObservation,
 )
 from tether.edge._edge_model import EdgeModel
-from tether.edge._errors import CloudUnavailableError, EdgeError
+from tether.edge._errors import CloudUnavailableError, ContextLengthExceeded, EdgeError
 from tether.edge._link import EmulatedLink, LinkSevered
 from tether.edge._loop import Generation
 from tether.edge._remote import CloudConnector, ResilienceOptions
+from tether.edge._remote_session import RemoteCloud, RemoteCloudSession
 from tether.edge.speculative import SpeculativeOptions
 from tether.edge.split import CalibrationPoint, ExitHead
 from tether.edge.split import COMPRESSIONS
@@ -48,13 +53,28 @@ from tether.edge.split import PartitionProfile, PartitionReport, choose_partitio
 from tether.edge.split import SplitOptions, SplitStats
 from tether.edge.split import SplitModel
 from tether.edge._stats import GenerationStats
-from tether.edge._types import MODES, GenerationResult, Origin, StreamToken
+from tether.edge._modes import (
+    MODE_REGISTRY,
+    MODES,
+    ORIGIN_LABELS,
+    ORIGIN_STYLES,
+    BuildContext,
+    GenerateArgs,
+    GenerateOptions,
+    ModeSpec,
+    get_mode,
+)
+from tether.edge._types import GenerationResult, Mode, Origin, StreamToken
 
 __all__ = [
     "COMPRESSIONS",
     "MODES",
+    "MODE_REGISTRY",
+    "ORIGIN_LABELS",
+    "ORIGIN_STYLES",
     "AdaptiveDraftLength",
     "AskResult",
+    "BuildContext",
     "CalibrationPoint",
     "ChatModel",
     "Chunk",
@@ -64,6 +84,7 @@ __all__ = [
     "CloudConnector",
     "CloudExchange",
     "CloudUnavailableError",
+    "ContextLengthExceeded",
     "CostReport",
     "DraftLengthPolicy",
     "EdgeClient",
@@ -73,13 +94,16 @@ __all__ = [
     "ExitHead",
     "FixedDraftLength",
     "Generation",
+    "GenerateArgs",
+    "GenerateOptions",
     "GenerationResult",
     "GenerationStats",
     "HeuristicDraftLength",
     "InProcessCloud",
     "Job",
     "LazyCloud",
-    "LoopbackCloud",
+    "Mode",
+    "ModeSpec",
     "LinkSevered",
     "MinionsError",
     "MinionsFailed",
@@ -93,6 +117,8 @@ __all__ = [
     "PriceTable",
     "Pricing",
     "RemoteChatError",
+    "RemoteCloud",
+    "RemoteCloudSession",
     "ResilienceOptions",
     "Round",
     "RoundCost",
@@ -106,5 +132,6 @@ __all__ = [
     "SyncGeneration",
     "WorkerResult",
     "chunk_documents",
+    "get_mode",
     "choose_partition",
 ]

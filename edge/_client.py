@@ -12,33 +12,35 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import threading
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from tether.cloud import SamplingParams
-from tether.edge._connectors import LazyCloud, LoopbackCloud
+from tether.contract import SamplingParams
+from tether.edge._connectors import LazyCloud
 from tether.edge._edge_model import EdgeModel
 from tether.edge.speculative._draft_length import DraftLengthPolicy
 from tether.edge._link import EmulatedLink
 from tether.edge._loop import Generation
+from tether.edge._modes import BuildContext, GenerateArgs, GenerateOptions, get_mode
 from tether.edge.minions._minions import run_ask
 from tether.edge.minions._remote import ChatModel, SessionChat
 from tether.edge.minions._types import AskResult, MinionsOptions
-from tether.edge._proposer import DraftSettings, EdgeDrafter
-from tether.edge._remote import CloudConnector, CloudLink, ResilienceOptions
-from tether.edge.route._strategies import ROUTING_MODES, RoutingStats, build_routing_strategy, query_text
-from tether.edge.speculative._strategy import CloudScorer, SpeculativeOptions, SpeculativeStrategy
-from tether.edge.split._strategy import SplitOptions, SplitStats, SplitStrategy
+from tether.edge._proposer import DraftSettings
+from tether.edge._remote import CloudConnector, ResilienceOptions
+from tether.edge.speculative._strategy import SpeculativeOptions
+from tether.edge.split._strategy import SplitOptions
 from tether.edge.split._model import SplitModel, SplitModelSource
 from tether.edge._stats import GenerationStats
-from tether.edge._strategies import CloudStrategy, EdgeFallback, EdgeStrategy, Strategy
 from tether.edge._text import Prompt, build_prompt
-from tether.edge._types import MODES, GenerationResult, StreamToken
+from tether.edge._types import GenerationResult, Mode, StreamToken
 from tether.errors import ConfigurationError
-from tether.routing._options import RoutingOptions
-from tether.protocol import LinkEmulator
-from tether.sampling import make_generator, validate_warp
+from tether.routing import RoutingOptions
+from tether.protocol import KeyPair, LinkEmulator
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack from Python 3.11
 
 T = TypeVar("T")
 
@@ -66,14 +68,14 @@ class EdgeClient:
         edge: EdgeModel,
         cloud: CloudConnector | None = None,
         *,
-        mode: str = "speculative",
+        mode: Mode = "speculative",
         speculative: SpeculativeOptions | None = None,
         resilience: ResilienceOptions | None = None,
         routing: RoutingOptions | None = None,
         split: SplitOptions | None = None,
         split_model: SplitModel | None = None,
     ) -> None:
-        _check_mode(mode)
+        get_mode(mode)
         self.edge = edge
         self.cloud = cloud
         self.mode = mode
@@ -104,7 +106,7 @@ class EdgeClient:
         edge_threads: int | None = None,
         cloud_threads: int | None = None,
         link: LinkEmulator | None = None,
-        mode: str = "speculative",
+        mode: Mode = "speculative",
         speculative: SpeculativeOptions | None = None,
         resilience: ResilienceOptions | None = None,
         split: SplitOptions | None = None,
@@ -133,6 +135,9 @@ class EdgeClient:
         )
 
         async def build() -> CloudConnector:
+            # Composition imports both rooms; imported here so `import tether.edge` loads no server.
+            from tether.compose import LoopbackCloud
+
             return await LoopbackCloud.start(lambda: _load_cloud(cloud_model), threads=cloud_threads, link=link)
 
         return cls(edge, LazyCloud(build), mode=mode, speculative=speculative, resilience=resilience, split=split,
@@ -147,37 +152,64 @@ class EdgeClient:
         edge_model: str | EdgeModel | None = None,
         edge_backend: str = "torch",
         edge_threads: int | None = None,
-        client_keys: Any = None,
+        client_keys: KeyPair | str | os.PathLike[str] | None = None,
         token: str | None = None,
         link: LinkEmulator | None = None,
-        mode: str = "speculative",
+        mode: Mode = "speculative",
         speculative: SpeculativeOptions | None = None,
         resilience: ResilienceOptions | None = None,
+        routing: RoutingOptions | None = None,
         split: SplitOptions | None = None,
         split_model: SplitModel | None = None,
     ) -> EdgeClient:
         """Connect to a `tether serve` cloud over the encrypted protocol.
 
-        The connection is made now, so a wrong URL or key fails here; later drops are
-        handled per generation (see `ResilienceOptions`).
+        The connection is made now, so a wrong URL, key or token fails here; later drops
+        are handled per generation (see `ResilienceOptions`). A server started with
+        ``--allow-clients`` serves only the devices on its allowlist, and one with
+        ``TETHER_TOKEN`` set only those that send the token; the CLI's ``--keys DIR`` and
+        ``TETHER_TOKEN`` / ``--token-env`` are, in the SDK::
+
+            client = await EdgeClient.connect(
+                "wss://cloud.example:8765", server_key="SHA256:...",
+                client_keys=KeyPair.load("/etc/tether/device"),  # or the directory's path
+                token=os.environ["TETHER_TOKEN"],
+            )
 
         Args:
             url: ``ws://host:port`` (or ``wss://``).
-            server_key: the server's public key to pin (text or key file).
+            server_key: the server's public key to pin (text, key file, or its ``SHA256:``
+                fingerprint).
             edge_model: edge registry name, path, or a loaded `EdgeModel`.
             edge_backend, edge_threads: as for `local`.
-            client_keys: this device's `KeyPair` or key file (None: an ephemeral key).
-            token: bearer token the server may require.
+            client_keys: this device's identity: a `KeyPair`, or the directory / private.key
+                file written by ``tether keys generate DIR`` (None: an ephemeral key, which
+                only servers without an allowlist accept).
+            token: the bearer token the server requires (its ``TETHER_TOKEN``), sent only
+                inside the encrypted channel.
             link: emulate delay / jitter / bandwidth on the connection.
-            mode, speculative, resilience, split: as for the constructor.
+            mode, speculative, resilience, routing, split: as for the constructor.
             split_model: the device's half of the server's model; needed for ``mode="split"``.
 
         Raises:
-            tether.cloud.CloudError: the server cannot be reached or refused the client.
+            tether.protocol.UnknownClientKey: this device's key is not on the server's
+                allowlist; the message gives the ``tether keys allow ...`` line that adds it.
+            tether.protocol.BadToken: the token is missing or wrong.
+            tether.protocol.KeyFileError: `client_keys` cannot be read.
+            tether.contract.CloudError: the server cannot be reached or the handshake failed.
         """
+        from tether.contract import CloudError
         from tether.edge._connect import connect_remote
+        from tether.protocol import AuthenticationError
 
-        cloud = await connect_remote(url, server_key=server_key, client_keys=client_keys, token=token, link=link)
+        try:
+            cloud = await connect_remote(url, server_key=server_key, client_keys=client_keys, token=token, link=link)
+        except CloudError as exc:
+            # A refused identity or token is the caller's to fix: the protocol's typed error
+            # says what to do (UnknownClientKey names the `tether keys allow` line).
+            if isinstance(exc.__cause__, AuthenticationError):
+                raise exc.__cause__ from None
+            raise
         try:
             edge = edge_model if isinstance(edge_model, EdgeModel) else await asyncio.to_thread(
                 EdgeModel.load, edge_model, backend=edge_backend, threads=edge_threads
@@ -185,8 +217,8 @@ class EdgeClient:
         except BaseException:
             await cloud.aclose()
             raise
-        return cls(edge, cloud, mode=mode, speculative=speculative, resilience=resilience, split=split,
-                   split_model=split_model)
+        return cls(edge, cloud, mode=mode, speculative=speculative, resilience=resilience, routing=routing,
+                   split=split, split_model=split_model)
 
     async def warm_up(self) -> None:
         """Start the cloud now if it is started lazily (no-op otherwise)."""
@@ -213,23 +245,8 @@ class EdgeClient:
 
     # -- generation ----------------------------------------------------------------------
 
-    def stream(
-        self,
-        prompt: Prompt,
-        *,
-        mode: str | None = None,
-        max_new_tokens: int = 256,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int | None = None,
-        stop: str | Sequence[str] | None = None,
-        chat_template: bool | None = None,
-        system: str | None = None,
-        speculative: SpeculativeOptions | None = None,
-        routing: RoutingOptions | None = None,
-        split: SplitOptions | None = None,
-    ) -> Generation:
+    def stream(self, prompt: Prompt, options: GenerateOptions | None = None, /,
+               **changes: Unpack[GenerateArgs]) -> Generation:
         """Start a generation and iterate its tokens as they are committed.
 
         ``async for tok in client.stream(...)`` yields `StreamToken`s (id, text, origin);
@@ -238,100 +255,69 @@ class EdgeClient:
 
         Raises:
             ConfigurationError, ValueError: a bad argument (before anything runs).
+            ContextLengthExceeded: the prompt is longer than the edge model's positions (here)
+                or the cloud session's ``max_tokens`` (when the generation starts); nothing
+                was computed.
         """
-        mode = mode or self.mode
-        _check_mode(mode)
+        opts = (options or GenerateOptions()).with_changes(changes)
+        spec = get_mode(opts.mode or self.mode)
         if self._closed:
             raise ConfigurationError("this client is closed")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        validate_warp(temperature=temperature, top_k=top_k, top_p=top_p)
-        if mode != "edge" and self.cloud is None:
+        if spec.needs_cloud and self.cloud is None:
             raise ConfigurationError(
-                f"mode {mode!r} needs a cloud: use EdgeClient.local() or EdgeClient.connect(url, server_key=...)"
+                f"mode {spec.name!r} needs a cloud: use EdgeClient.local() or EdgeClient.connect(url, server_key=...)"
             )
-        stops = [stop] if isinstance(stop, str) else list(stop or ())
-        prompt_ids = build_prompt(self.edge.tokenizer, prompt, chat_template=chat_template, system=system)
-        stats: GenerationStats
-        if mode in ROUTING_MODES:
-            stats = RoutingStats(mode=mode)
-        elif mode == "split":
-            stats = SplitStats(mode=mode)
-        else:
-            stats = GenerationStats(mode=mode)
-        strategy = self._build(
-            mode,
-            stats=stats,
-            settings=DraftSettings(temperature=temperature, top_k=top_k, top_p=top_p),
-            sampling=SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed),
-            seed=seed,
-            speculative=speculative or self.speculative,
-            routing=routing or self.routing,
-            prompt=prompt,
-            split=split or self.split,
-        )
+        prompt_ids = build_prompt(self.edge.tokenizer, prompt, chat_template=opts.chat_template, system=opts.system)
+        stats = spec.stats_type(mode=spec.name)
+        mode_options = None
+        if spec.options_field is not None:
+            mode_options = getattr(opts, spec.options_field) or getattr(self, spec.options_field)
+        strategy = spec.build(BuildContext(
+            edge=self.edge, cloud=self.cloud, resilience=self.resilience, stats=stats,
+            settings=DraftSettings(temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p),
+            sampling=SamplingParams(temperature=opts.temperature, top_p=opts.top_p, top_k=opts.top_k, seed=opts.seed),
+            seed=opts.seed, options=mode_options, prompt=prompt, policy=self._policy,
+            split_source=self._split_source, default_threshold=spec.default_threshold,
+        ))
         return Generation(
             strategy,
             tokenizer=self.edge.tokenizer,
             prompt_ids=prompt_ids,
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=opts.max_new_tokens,
             eos_ids=self.edge.eos_token_ids,
-            stop=stops,
+            stop=opts.stops,
             stats=stats,
+            # The edge model holds the whole sequence in these modes; cloud and split do not use it.
+            max_context=None if spec.name in ("cloud", "split") else self.edge.runtime.info.max_positions,
         )
 
-    async def generate(
-        self,
-        prompt: Prompt,
-        *,
-        mode: str | None = None,
-        max_new_tokens: int = 256,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int | None = None,
-        stop: str | Sequence[str] | None = None,
-        chat_template: bool | None = None,
-        system: str | None = None,
-        speculative: SpeculativeOptions | None = None,
-        routing: RoutingOptions | None = None,
-        split: SplitOptions | None = None,
-    ) -> GenerationResult:
+    async def generate(self, prompt: Prompt, options: GenerateOptions | None = None, /,
+                       **changes: Unpack[GenerateArgs]) -> GenerationResult:
         """Generate a completion.
+
+        Settings come as a `GenerateOptions` and/or as its fields by keyword (keywords win):
+        ``generate("hi", mode="cloud", max_new_tokens=32)`` or ``generate("hi", opts)``.
 
         Args:
             prompt: a string (sent through the chat template when the tokenizer has one)
                 or OpenAI-style messages.
-            mode: ``"edge"``, ``"cloud"``, ``"speculative"``, ``"route-query"``,
-                ``"route-token"`` or ``"split"`` (default: the client's).
-            max_new_tokens: the most tokens to generate.
-            temperature: 0 (default) for greedy decoding; > 0 samples. Speculative
-                output has exactly the cloud model's distribution either way.
-            top_p, top_k: nucleus / top-k truncation (1 and 0 disable them).
-            seed: seeds the edge's and the cloud's random generators.
-            stop: stop string(s); the text ends before the first one found.
-            chat_template: force (True) or skip (False) the chat template for a string.
-            system: a system message to put first.
-            speculative: per-call speculative settings.
-            routing: per-call routing settings (``route-query`` / ``route-token``: the
-                router and its threshold or cloud fraction; see `tether.routing`).
-            split: per-call split settings (``split``: the split layer or ``"auto"``, the
-                hidden-state compression, early exit; see `SplitOptions`). Split mode sends
-                hidden states, never token ids (docs/split.md).
+            options: the generation's settings (`GenerateOptions`: mode, max_new_tokens,
+                temperature, top_p, top_k, seed, stop, chat_template, system, and the
+                speculative / routing / split settings of those modes). Unset: defaults,
+                and the client's mode and mode settings.
+            **changes: any `GenerateOptions` field, replacing the one in `options`.
 
         Returns:
             `GenerationResult` with text, token ids, origins, finish reason and stats.
 
         Raises:
             ConfigurationError, ValueError: a bad argument; nothing ran.
-            CloudUnavailableError: the cloud failed and ``on_disconnect="raise"``.
+            ContextLengthExceeded: the prompt does not fit the edge model or the cloud
+                session (``prompt_tokens``, ``limit``); nothing was computed. A generation
+                that reaches the limit is not an error: it ends with ``finish_reason="length"``.
+            CloudUnavailableError: the cloud link failed and ``on_disconnect="raise"``.
         """
-        gen = self.stream(
-            prompt, mode=mode, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-            top_k=top_k, seed=seed, stop=stop, chat_template=chat_template, system=system,
-            speculative=speculative, routing=routing, split=split,
-        )
-        return await gen.collect()
+        return await self.stream(prompt, options, **changes).collect()
 
     # -- Minion / MinionS: the document stays here, the cloud plans --------------------
 
@@ -385,7 +371,7 @@ class EdgeClient:
             if owned is not None:
                 await owned.aclose()
 
-    # -- wiring (the factory: every part is injected here, so tests can swap any) -------
+    # -- wiring (each mode's builder in `MODE_REGISTRY` wires its strategy from injected parts) --
 
     def _policy(self, options: SpeculativeOptions) -> DraftLengthPolicy:
         """One draft-length policy per client and settings: what it learns (the cloud's
@@ -396,73 +382,10 @@ class EdgeClient:
             policies[options] = options.make_policy()
         return policies[options]
 
-    def _build(
-        self,
-        mode: str,
-        *,
-        stats: GenerationStats,
-        settings: DraftSettings,
-        sampling: SamplingParams,
-        seed: int | None,
-        speculative: SpeculativeOptions,
-        routing: RoutingOptions | None = None,
-        prompt: Prompt = "",
-        split: SplitOptions | None = None,
-    ) -> Strategy:
-        edge_seed = None if seed is None else (seed * 1_000_003 + 7) % (2**63)
-        drafter = EdgeDrafter(self.edge.runtime, settings, make_generator(edge_seed))
-        if mode == "edge":
-            return EdgeStrategy(self.edge, drafter, stats)
-        assert self.cloud is not None
-        fallback = EdgeFallback(self.edge, drafter, stats)
-
-        def make_cloud() -> CloudStrategy:
-            assert self.cloud is not None
-            ids: list[int] = []
-            link = CloudLink(self.cloud, sampling, self.resilience, stats, lambda: ids)
-            return CloudStrategy(link, fallback, stats, self.edge.eos_token_ids, ids)
-
-        if mode == "cloud":
-            return make_cloud()
-        if mode == "split":
-            assert isinstance(stats, SplitStats)
-            # No committed ids for the link: a split session is never sent token ids, and a
-            # fresh session after a reconnect is refilled with hidden rows by the strategy.
-            split_link = CloudLink(self.cloud, sampling, self.resilience, stats, lambda: ())
-            return SplitStrategy(
-                source=self._split_source, link=split_link, fallback=fallback, options=split or self.split,
-                stats=stats, temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
-                generator=make_generator(edge_seed),
-            )
-        if mode in ROUTING_MODES:
-            cloud = self.cloud
-            return build_routing_strategy(
-                mode, edge=self.edge, options=routing or self.routing, stats=stats, settings=settings,
-                generator=make_generator(edge_seed), query_text=query_text(prompt),
-                make_link=lambda committed: CloudLink(cloud, sampling, self.resilience, stats, committed),
-                make_cloud=make_cloud,
-            )
-        holder: list[SpeculativeStrategy] = []
-        link = CloudLink(self.cloud, sampling, self.resilience, stats, lambda: holder[0].committed_ids())
-        strategy = SpeculativeStrategy(
-            edge=self.edge,
-            drafter=drafter,
-            scorer=CloudScorer(link),
-            link=link,
-            fallback=fallback,
-            policy=self._policy(speculative),
-            options=speculative,
-            stats=stats,
-            eos_ids=self.edge.eos_token_ids,
-            greedy=settings.greedy,
-        )
-        holder.append(strategy)
-        return strategy
-
 
 def _load_cloud(cloud_model: str | None) -> tuple[Any, Any, str]:
     """Load the local cloud's runtime (torch): ``(runtime, tokenizer, name)``."""
-    from tether.runtime._loader import load_runtime
+    from tether.runtime import load_runtime
 
     if cloud_model is None:
         from tether.models import DEFAULT_CLOUD_MODEL
@@ -470,11 +393,6 @@ def _load_cloud(cloud_model: str | None) -> tuple[Any, Any, str]:
         cloud_model = DEFAULT_CLOUD_MODEL
     runtime, tokenizer = load_runtime(cloud_model, "torch")
     return runtime, tokenizer, cloud_model
-
-
-def _check_mode(mode: str) -> None:
-    if mode not in MODES:
-        raise ConfigurationError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
 
 
 class SyncGeneration:
@@ -567,25 +485,38 @@ class Client:
 
     @classmethod
     def connect(cls, url: str, *, server_key: Any, **kwargs: Any) -> Client:
-        """See `EdgeClient.connect`."""
+        """See `EdgeClient.connect` (same arguments). With this device's key pair and token
+        (what ``tether chat --server URL --keys DIR`` sends, the token from ``TETHER_TOKEN``)::
+
+            client = Client.connect(url, server_key=key, client_keys=KeyPair.load("DIR"),
+                                    token=os.environ["TETHER_TOKEN"])
+
+        Raises:
+            tether.protocol.UnknownClientKey: not on the server's allowlist (the message has
+                the ``tether keys allow ...`` line to run there); BadToken: wrong token.
+        """
         return cls(lambda: EdgeClient.connect(url, server_key=server_key, **kwargs))
 
     def warm_up(self) -> None:
         """See `EdgeClient.warm_up`."""
         self._call(self.aclient.warm_up())
 
-    def generate(self, prompt: Prompt, **kwargs: Any) -> GenerationResult:
+    def generate(self, prompt: Prompt, options: GenerateOptions | None = None, /,
+                 **changes: Unpack[GenerateArgs]) -> GenerationResult:
         """See `EdgeClient.generate`."""
-        gen = self.aclient.stream(prompt, **kwargs)
+        gen = self.aclient.stream(prompt, options, **changes)
         return self._call(gen.collect())
 
-    def stream(self, prompt: Prompt, **kwargs: Any) -> SyncGeneration:
+    def stream(self, prompt: Prompt, options: GenerateOptions | None = None, /,
+               **changes: Unpack[GenerateArgs]) -> SyncGeneration:
         """See `EdgeClient.stream`; returns a blocking iterator of `StreamToken`s."""
-        return SyncGeneration(self, self.aclient.stream(prompt, **kwargs))
+        return SyncGeneration(self, self.aclient.stream(prompt, options, **changes))
 
-    def ask(self, task: str, **kwargs: Any) -> AskResult:
+    def ask(self, task: str, *, documents: Sequence[str], mode: str = "minions", max_rounds: int = 3,
+            remote: ChatModel | None = None, options: MinionsOptions | None = None) -> AskResult:
         """See `EdgeClient.ask` (Minion / MinionS)."""
-        return self._call(self.aclient.ask(task, **kwargs))
+        return self._call(self.aclient.ask(task, documents=documents, mode=mode, max_rounds=max_rounds,
+                                           remote=remote, options=options))
 
     def close(self) -> None:
         """Close the client and stop its event-loop thread."""
@@ -596,6 +527,10 @@ class Client:
         self._stop_loop()
 
     def _stop_loop(self) -> None:
+        # Like asyncio.run: cancel what is still pending (e.g. a refused connection's tasks),
+        # so that closing the loop destroys no pending task.
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(_cancel_pending(), self._loop).result(timeout=10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
         self._loop.close()
@@ -609,3 +544,11 @@ class Client:
 
 async def _await(aw: Awaitable[T]) -> T:
     return await aw
+
+
+async def _cancel_pending() -> None:
+    """Cancel every other task of the running loop and wait for them to end."""
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,8 +1,8 @@
 """Reaching a remote cloud: `tether serve` over the encrypted protocol.
 
 What belongs here: turning (url, pinned server key, client identity, link emulation) into a
-`CloudConnector`. The protocol and the remote session are the cloud's and the protocol's
-(`tether.cloud._remote.RemoteCloud`); this module only wires them for the SDK.
+`CloudConnector`. The device-side session is `RemoteCloud` (`_remote_session.py`) over the
+protocol; this module only wires them for the SDK.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import os
 from typing import Any
 
 from tether.edge._remote import CloudConnector
+from tether.edge._remote_session import RemoteCloud
 from tether.protocol import KeyPair, LinkEmulator
 
 
@@ -35,10 +36,8 @@ async def connect_remote(
         open_timeout: seconds for the whole handshake.
 
     Raises:
-        tether.cloud.CloudError: the server could not be reached or refused us.
+        tether.contract.CloudError: the server could not be reached or refused us.
     """
-    from tether.cloud._remote import RemoteCloud
-
     if client_keys is None:
         keys = KeyPair.generate()
     elif isinstance(client_keys, KeyPair):

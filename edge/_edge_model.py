@@ -65,7 +65,7 @@ class EdgeModel:
         Raises:
             tether.errors.ModelNotInstalledError: its weight packages are not installed.
         """
-        from tether.runtime._loader import load_runtime
+        from tether.runtime import load_runtime
 
         if name is None:
             from tether.models import DEFAULT_EDGE_MODEL

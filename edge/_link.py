@@ -18,7 +18,7 @@ import asyncio
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, Literal
 
-from tether.cloud import (
+from tether.contract import (
     Capabilities,
     ChatMessage,
     ChatResult,

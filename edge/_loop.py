@@ -12,6 +12,7 @@ import contextlib
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 
+from tether.edge._errors import ContextLengthExceeded
 from tether.edge._stats import GenerationStats
 from tether.edge._strategies import Committed, Strategy
 from tether.edge._text import IncrementalDetokenizer, StopStrings, Tokenizer
@@ -25,6 +26,12 @@ class Generation:
     start of a stop string is held back until it cannot be. Closing the iterator early
     (``aclose()``, or cancelling the task iterating it) stops the generation and frees the
     strategy's state; `result` is then the partial result.
+
+    A generation that reaches a context limit ends with ``finish_reason="length"``: the
+    edge model's (`max_context`) or the cloud session's (the strategy commits nothing more).
+
+    Raises:
+        ContextLengthExceeded: (when built) the prompt is longer than `max_context`.
     """
 
     def __init__(
@@ -37,10 +44,13 @@ class Generation:
         eos_ids: Sequence[int],
         stop: Sequence[str],
         stats: GenerationStats,
+        max_context: int | None = None,
     ) -> None:
+        if max_context is not None and len(prompt_ids) > max_context:
+            raise ContextLengthExceeded(prompt_tokens=len(prompt_ids), limit=max_context, where="edge model")
         self._strategy = strategy
         self._prompt_ids = list(prompt_ids)
-        self._max_new = max_new_tokens
+        self._max_new = max_new_tokens if max_context is None else min(max_new_tokens, max_context - len(prompt_ids))
         self._eos = frozenset(eos_ids)
         self._stops = StopStrings(stop) if stop else None
         self._detok = IncrementalDetokenizer(tokenizer)
@@ -91,6 +101,8 @@ class Generation:
             await self._strategy.start(self._prompt_ids)
             while len(ids) < self._max_new and not stopped:
                 block: list[Committed] = await self._strategy.step(self._max_new - len(ids))
+                if not block:  # the context is full
+                    break
                 for c in block:
                     if len(ids) >= self._max_new:
                         break

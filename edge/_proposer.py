@@ -1,9 +1,10 @@
 """The edge side of one generation: its token chain, KV cache and draft distributions.
 
-What belongs here: `EdgeDrafter`, the proposer. It drafts tokens with the runtime, keeps
-the exact sparse q of each speculative token, and reconciles its chain with what the cloud
-committed (rolling its cache back on rejection). All methods are blocking and run on the
-edge model's thread. What does not: choosing k, talking to the cloud.
+What belongs here: `EdgeDrafter`, the edge's one decoding chain for every mode. It drafts
+tokens with the runtime, keeps the exact sparse q of each speculative token, reconciles its
+chain with what the cloud committed (rolling its cache back on rejection), and exposes the
+next position's logits (and hidden state) that routers score. All methods are blocking and
+run on the edge model's thread. What does not: choosing k, routing, talking to the cloud.
 
 The chain: `ids` holds the committed tokens followed by speculative ones (drafted, not yet
 verified). The KV cache holds a prefix of `ids`; the rest is pending and is run in the next
@@ -19,7 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from tether.runtime import CausalLM, KVState
+from tether.errors import RuntimeStateError
+from tether.runtime import CausalLM, KVState, forward_with_hidden
 from tether.sampling import DEFAULT_MAX_SUPPORT, DEFAULT_TAIL_MASS, SparseDist, is_greedy, sample, sparsify, warp
 
 
@@ -50,12 +52,18 @@ class EdgeDrafter:
         runtime: the edge model.
         settings: warping and truncation.
         generator: the edge's random generator (sampling only).
+        want_hidden: also keep the last-layer hidden state of the chain's last position
+            (`hidden`; token routers read it). Needs a `LayerwiseLM` runtime, else it stays None.
     """
 
-    def __init__(self, runtime: CausalLM, settings: DraftSettings, generator: torch.Generator) -> None:
+    def __init__(
+        self, runtime: CausalLM, settings: DraftSettings, generator: torch.Generator, *, want_hidden: bool = False
+    ) -> None:
         self.runtime = runtime
         self.settings = settings
         self.generator = generator
+        self.want_hidden = want_hidden
+        self.hidden: torch.Tensor | None = None  # [H] with the logits after ids[_cache_len - 1]
         self.ids: list[int] = []
         self.committed = 0
         self.dists: list[SparseDist | None] = []  # one per speculative token
@@ -79,30 +87,66 @@ class EdgeDrafter:
 
     def start(self, prompt_ids: Sequence[int]) -> None:
         """Begin a sequence with `prompt_ids` (committed) and prefill them."""
-        if self._state is not None:
+        self.adopt(prompt_ids, self.runtime.new_state())
+        self.next_logits()
+
+    def adopt(self, token_ids: Sequence[int], state: KVState) -> None:
+        """Begin a sequence with `token_ids` (committed) from a state that holds a prefix of them.
+
+        The drafter owns `state` from now on; the tokens it does not hold yet run in the
+        next forward pass (e.g. after route-query's probe, whose state lacks the last draft
+        token).
+
+        Raises:
+            RuntimeStateError: `state` holds more positions than `token_ids` has tokens.
+        """
+        if state.length > len(token_ids):
+            raise RuntimeStateError(
+                f"the state holds {state.length} positions but only {len(token_ids)} tokens were given; "
+                "pass every token the state holds, then those still to run"
+            )
+        if self._state is not None and self._state is not state:
             self.runtime.release(self._state)
-        self._state = self.runtime.new_state()
-        self.ids = [int(t) for t in prompt_ids]
+        self._state = state
+        self.ids = [int(t) for t in token_ids]
         self.committed = len(self.ids)
         self.dists, self.confidences = [], []
-        self._cache_len = 0
+        self._cache_len = state.length
         self._logits = None
-        self._next_logits()
+        self.hidden = None
 
-    def _next_logits(self) -> torch.Tensor:
-        """Logits after the last token of the chain, running pending tokens if needed."""
+    def next_logits(self) -> torch.Tensor:
+        """[V] logits after the last token of the chain, running pending tokens if needed."""
         assert self._state is not None, "start() first"
         if self._cache_len < len(self.ids) or self._logits is None:
             if self._cache_len == len(self.ids):  # logits lost by a truncation: re-run one
                 self.runtime.truncate(self._state, self._cache_len - 1)
                 self._cache_len -= 1
             t0 = time.perf_counter()
-            logits = self.runtime.extend(self._state, self.ids[self._cache_len :])
+            pending = self.ids[self._cache_len :]
+            if self.want_hidden:
+                logits, hidden = forward_with_hidden(self.runtime, self._state, pending)  # [n, V], [n, H] or None
+                self.hidden = None if hidden is None else hidden[-1]
+            else:
+                logits = self.runtime.extend(self._state, pending)  # [n, V]
             self.compute_s += time.perf_counter() - t0
             self.forward_passes += 1
             self._cache_len = len(self.ids)
             self._logits = logits[-1]
         return self._logits
+
+    def choose(self) -> tuple[int, SparseDist | None]:
+        """The edge's token after the chain (not appended): the argmax when greedy, else a
+        draw from its exact sparse q, returned with it."""
+        return self._pick(self.next_logits())
+
+    def _pick(self, logits: torch.Tensor) -> tuple[int, SparseDist | None]:
+        if self.settings.greedy:
+            return int(logits.argmax()), None
+        probs = warp(logits, temperature=self.settings.temperature, top_k=self.settings.top_k,
+                     top_p=self.settings.top_p)
+        dist = sparsify(probs, max_support=self.settings.max_support, tail_mass=self.settings.tail_mass)
+        return dist.sample(self.generator), dist
 
     def draft(self, n: int, *, cancel: threading.Event | None = None, min_confidence: float = 0.0) -> int:
         """Append up to `n` speculative tokens; returns how many were drafted.
@@ -114,17 +158,9 @@ class EdgeDrafter:
         done = 0
         t0 = time.perf_counter()
         while done < n and not (cancel is not None and cancel.is_set()):
-            logits = self._next_logits()
-            probs = warp(logits, temperature=self.settings.temperature, top_k=self.settings.top_k,
-                         top_p=self.settings.top_p)
-            if self.settings.greedy:
-                token = int(probs.argmax())
-                dist = None
-                conf = float(torch.softmax(logits.float(), dim=-1)[token])
-            else:
-                dist = sparsify(probs, max_support=self.settings.max_support, tail_mass=self.settings.tail_mass)
-                token = dist.sample(self.generator)
-                conf = dist.prob(token)
+            logits = self.next_logits()
+            token, dist = self._pick(logits)
+            conf = float(torch.softmax(logits.float(), dim=-1)[token]) if dist is None else dist.prob(token)
             self.ids.append(token)
             self.dists.append(dist)
             self.confidences.append(conf)
@@ -143,7 +179,7 @@ class EdgeDrafter:
         self.drop_speculative()
         out: list[int] = []
         for _ in range(n):
-            logits = self._next_logits()
+            logits = self.next_logits()
             probs = warp(logits, temperature=self.settings.temperature, top_k=self.settings.top_k,
                          top_p=self.settings.top_p)
             token = int(probs.argmax()) if self.settings.greedy else sample(probs, self.generator)
@@ -191,6 +227,7 @@ class EdgeDrafter:
             self.runtime.truncate(self._state, pos)
             self._cache_len = pos
             self._logits = None
+            self.hidden = None
         return False
 
     def commit_speculative(self, n: int) -> list[int]:
@@ -209,6 +246,7 @@ class EdgeDrafter:
                 self.runtime.truncate(self._state, self.committed)
                 self._cache_len = self.committed
                 self._logits = None
+                self.hidden = None
         self.dists, self.confidences = [], []
 
     def append_committed(self, token_ids: Sequence[int]) -> None:

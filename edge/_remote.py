@@ -9,10 +9,16 @@ What does not: deciding what to do while down (the strategies run the edge alone
 Link-failure policy: a request refused with `ServerOverloaded` (a rate limit or a full
 server; the server refuses it before doing any work) is retried on the same session after a
 short backoff, up to `overload_retries` times, so a busy server costs latency, not the
-cloud's exact output. Any other error of a request except `InvalidRequest` and
-`UnsupportedOperation` (which mean the request itself was wrong and would fail again)
-takes the link down. The session it happened on is abandoned, never reused: a timed-out
-request may still run on the server, so only a fresh session has a known state.
+cloud's exact output. Any other error of a request except `InvalidRequest`,
+`UnsupportedOperation` and `SessionLimitExceeded` (the request itself was wrong and would
+fail again on any session; a reachable cloud is not a dropped link) takes the link down.
+The session it happened on is abandoned, never reused: a timed-out request may still run
+on the server, so only a fresh session has a known state.
+
+Context limits are not link failures: the session's ``max_tokens`` is learned when it
+opens, before the prompt is sent (a prompt too long for it raises `ContextLengthExceeded`
+before any compute), and the strategies never ask past it (`room`): they end the
+generation with ``"length"`` there.
 """
 
 from __future__ import annotations
@@ -26,15 +32,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, TypeVar, runtime_checkable
 
-from tether.cloud import (
+from tether.contract import (
     CloudSessionAPI,
     InvalidRequest,
     SamplingParams,
     ServerOverloaded,
     SessionInfo,
+    SessionLimitExceeded,
     UnsupportedOperation,
 )
-from tether.edge._errors import CloudUnavailableError
+from tether.edge._errors import CloudUnavailableError, ContextLengthExceeded
 from tether.edge._stats import GenerationStats
 
 log = logging.getLogger("tether.edge")
@@ -100,7 +107,8 @@ class LinkDown(Exception):
 
 
 def _is_request_error(exc: BaseException) -> bool:
-    return isinstance(exc, (InvalidRequest, UnsupportedOperation))
+    """An error that says the request was wrong, not that the link failed: it propagates."""
+    return isinstance(exc, (InvalidRequest, UnsupportedOperation, SessionLimitExceeded, ContextLengthExceeded))
 
 
 async def _aclose(agen: AsyncIterator[object]) -> None:
@@ -144,6 +152,8 @@ class CloudLink:
         self._committed = committed
         self.session: CloudSessionAPI | None = None
         self.info: SessionInfo | None = None
+        self.max_tokens: int | None = None  # the session's token limit, once a session opened
+        self._opened: tuple[CloudSessionAPI, SessionInfo] | None = None  # open, prompt not sent yet
         self._fresh: tuple[CloudSessionAPI, SessionInfo, int] | None = None
         self._reconnect_task: asyncio.Task[None] | None = None
         self._closed = False
@@ -155,33 +165,75 @@ class CloudLink:
 
     # -- opening and re-syncing --------------------------------------------------------
 
-    async def _open(self, ids: Sequence[int]) -> tuple[CloudSessionAPI, SessionInfo]:
+    def room(self, committed: int) -> int | None:
+        """Tokens the cloud session can still take after `committed` ones (None: not known)."""
+        return None if self.max_tokens is None else self.max_tokens - committed
+
+    async def _new(self, n_tokens: int) -> tuple[CloudSessionAPI, SessionInfo]:
+        """A fresh, opened session (nothing computed yet) that has room for `n_tokens`.
+
+        Raises:
+            ContextLengthExceeded: the session's ``max_tokens`` is below `n_tokens`.
+        """
         # Getting a session may build an in-process cloud or dial a server: the connector
-        # bounds that itself; opening and prefilling are bounded here.
+        # bounds that itself; opening is bounded here.
         session = await self.connector.new_session()
-
-        async def open_and_fill() -> SessionInfo:
-            info = await session.open(sampling=self.sampling)
-            if ids:
-                await session.append(list(ids), prefill=True)
-            return info
-
         try:
-            info = await asyncio.wait_for(open_and_fill(), self.options.connect_timeout)
+            info = await asyncio.wait_for(session.open(sampling=self.sampling), self.options.connect_timeout)
+            if info.max_tokens > 0:  # 0: the backend does not know its context length
+                self.max_tokens = info.max_tokens
+                if n_tokens > info.max_tokens:
+                    raise ContextLengthExceeded(prompt_tokens=n_tokens, limit=info.max_tokens, where="cloud session")
         except BaseException:
-            with contextlib.suppress(Exception):
-                await session.close()
+            await self._close_quietly(session)
             raise
         return session, info
 
-    async def start(self, prompt_ids: Sequence[int]) -> bool:
-        """Open a session holding `prompt_ids`; True if the cloud is up.
+    async def _fill(self, session: CloudSessionAPI, ids: Sequence[int]) -> None:
+        if not ids:
+            return
+        try:
+            await asyncio.wait_for(session.append(list(ids), prefill=True), self.options.connect_timeout)
+        except BaseException:
+            await self._close_quietly(session)
+            raise
+
+    async def _open(self, ids: Sequence[int]) -> tuple[CloudSessionAPI, SessionInfo]:
+        session, info = await self._new(len(ids))
+        await self._fill(session, ids)
+        return session, info
+
+    async def open(self, prompt_tokens: int) -> bool:
+        """Open the session before the prompt is sent, learning its limit; True if the cloud is up.
+
+        Call it before any compute (`start` calls it when it was not called).
 
         Raises:
+            ContextLengthExceeded: a prompt of `prompt_tokens` does not fit the session.
             CloudUnavailableError: it failed and the policy is ``"raise"``.
         """
         try:
-            session, info = await self._open(prompt_ids)
+            self._opened = await self._new(prompt_tokens)
+        except Exception as exc:
+            if _is_request_error(exc):
+                raise
+            self._down(exc)
+            return False
+        return True
+
+    async def start(self, prompt_ids: Sequence[int]) -> bool:
+        """Open a session (unless `open` did) and prefill `prompt_ids`; True if the cloud is up.
+
+        Raises:
+            ContextLengthExceeded: the prompt does not fit the session (nothing was computed).
+            CloudUnavailableError: it failed and the policy is ``"raise"``.
+        """
+        if self._opened is None and not await self.open(len(prompt_ids)):
+            return False
+        assert self._opened is not None
+        (session, info), self._opened = self._opened, None
+        try:
+            await self._fill(session, prompt_ids)
         except Exception as exc:
             if _is_request_error(exc):
                 raise
@@ -214,7 +266,14 @@ class CloudLink:
             ids = list(self._committed())
             try:
                 session, info = await self._open(ids)
-            except Exception as exc:  # still down: back off and retry
+            except Exception as exc:
+                if _is_request_error(exc):
+                    # The cloud is reachable but cannot hold what was committed (e.g. the
+                    # edge ran past its max_tokens while it was down): retrying cannot help.
+                    log.info("cloud reachable but cannot re-sync (%s: %s); staying on the edge",
+                             type(exc).__name__, exc)
+                    return
+                # still down: back off and retry
                 log.debug("reconnect failed: %s: %s", type(exc).__name__, exc)
                 delay = min(self.options.backoff_max, delay * self.options.backoff_factor)
                 continue
@@ -240,6 +299,10 @@ class CloudLink:
             if len(ids) > synced:
                 await asyncio.wait_for(session.append(ids[synced:], prefill=False), self.options.request_timeout)
         except Exception as exc:
+            if _is_request_error(exc):  # reachable, but it cannot hold what was committed meanwhile
+                log.info("cloud back but cannot re-sync (%s: %s); staying on the edge", type(exc).__name__, exc)
+                await self._close_quietly(session)
+                return False
             self.session = session
             self._down(exc)
             return False
@@ -343,6 +406,9 @@ class CloudLink:
         if self._fresh is not None:
             await self._close_quietly(self._fresh[0])
             self._fresh = None
+        if self._opened is not None:
+            await self._close_quietly(self._opened[0])
+            self._opened = None
         if self.session is not None:
             self._account(self.session)
             await self._close_quietly(self.session)

@@ -7,7 +7,8 @@ down. Speculative drafting lives in `_speculative.py`; the loop that drives any 
 
 A strategy commits tokens: each `step` returns the tokens it committed, in order, with
 their origin. It may commit more than the loop ends up using (an end-of-sequence token
-mid-block); the loop stops and closes it.
+mid-block); the loop stops and closes it. A step that returns no token says the context is
+full (the cloud session reached its ``max_tokens``): the generation ends with ``"length"``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from tether.cloud import GenerateChunk
+from tether.contract import GenerateChunk
 from tether.edge._edge_model import EdgeModel
 from tether.edge._proposer import EdgeDrafter
 from tether.edge._remote import CloudLink, LinkDown, now
@@ -40,7 +41,8 @@ class Strategy(Protocol):
         ...
 
     async def step(self, budget: int) -> list[Committed]:
-        """Commit at least one more token (at most about `budget` are wanted)."""
+        """Commit at least one more token (at most about `budget` are wanted); none when
+        the context is full."""
         ...
 
     async def close(self) -> None:
@@ -119,6 +121,9 @@ class CloudStrategy:
     async def step(self, budget: int) -> list[Committed]:
         if not self.link.up and not await self.link.resume():
             return await self._fallback()
+        room = self.link.room(len(self.ids))
+        if room is not None and room <= 0:
+            return []  # the session is full: the generation ends with "length"
         if self._stream is None:
             self._stream = self.link.stream(lambda s: s.generate(budget, stop_ids=self.eos_ids))
             self._first_chunk = True
@@ -139,6 +144,8 @@ class CloudStrategy:
         self.stats.rounds += 1
         if chunk.finish_reason is not None:
             self._stream = None
+            if not chunk.token_ids:  # a session at its limit (one whose size was not known)
+                return []
         self.ids.extend(chunk.token_ids)
         return [Committed(int(t), Origin.CLOUD_GENERATED) for t in chunk.token_ids]
 

@@ -1,8 +1,8 @@
-"""Text on the edge: prompts through the chat template, streaming detokenisation, stop strings.
+"""Text on the edge: prompts through the chat template; streaming detokenisation and stop strings
+come from the kernel (`tether.text`, shared with the cloud's OpenAI port) and are re-exported.
 
-What belongs here: turning prompts into token ids and committed ids back into text that is
-safe to show (no half characters, nothing that may turn out to be part of a stop string).
-What does not: choosing tokens (strategies) or counting them (stats).
+What belongs here: turning prompts into token ids. What does not: choosing tokens
+(strategies) or counting them (stats).
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, Union
 
 from tether.errors import ConfigurationError
+from tether.text import IncrementalDetokenizer as IncrementalDetokenizer  # shared with the cloud (re-exported)
+from tether.text import StopStrings as StopStrings  # one matcher for edge and cloud (re-exported)
 
 Message = Mapping[str, Any]
 Prompt = Union[str, Sequence[Message]]
@@ -80,67 +82,3 @@ def build_prompt(
         )
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return list(tokenizer.encode(str(text), add_special_tokens=False))
-
-
-class IncrementalDetokenizer:
-    """Decode a growing token list into text deltas without splitting characters.
-
-    The prefix/read offsets method of text-generation-inference: decode a short window
-    before and after the new tokens and emit the difference, holding text back while it
-    ends in an incomplete UTF-8 sequence (decoded as U+FFFD).
-    """
-
-    def __init__(self, tokenizer: Tokenizer) -> None:
-        self._tok = tokenizer
-        self._ids: list[int] = []
-        self._prefix = 0
-        self._read = 0
-
-    def push(self, token_id: int) -> str:
-        """Add one token; return the text it completes (may be "")."""
-        self._ids.append(int(token_id))
-        before = self._tok.decode(self._ids[self._prefix : self._read], skip_special_tokens=True)
-        after = self._tok.decode(self._ids[self._prefix :], skip_special_tokens=True)
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            self._prefix, self._read = self._read, len(self._ids)
-            return after[len(before) :]
-        return ""
-
-    def flush(self) -> str:
-        """The text still held back (an incomplete character at the very end)."""
-        before = self._tok.decode(self._ids[self._prefix : self._read], skip_special_tokens=True)
-        after = self._tok.decode(self._ids[self._prefix :], skip_special_tokens=True)
-        self._prefix = self._read = len(self._ids)
-        return after[len(before) :] if len(after) > len(before) else ""
-
-
-class StopStrings:
-    """Find stop strings in streamed text, and how much text is safe to release.
-
-    Text that could be the beginning of a stop string is held back until it cannot be.
-    """
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        for s in stops:
-            if not isinstance(s, str) or not s:
-                raise ConfigurationError(f"stop strings must be non-empty strings, got {s!r}")
-        self.stops = tuple(stops)
-        self._longest = max((len(s) for s in self.stops), default=0)
-
-    def find(self, text: str, start: int = 0) -> int | None:
-        """Index in `text` of the earliest stop string ending at or after `start`, else None."""
-        best: int | None = None
-        for s in self.stops:
-            i = text.find(s, max(0, start - len(s) + 1))
-            if i >= 0 and (best is None or i < best):
-                best = i
-        return best
-
-    def safe_length(self, text: str) -> int:
-        """How much of `text` can be released: all but a suffix that starts a stop string."""
-        n = len(text)
-        for keep in range(min(self._longest - 1, n), 0, -1):
-            tail = text[n - keep :]
-            if any(s.startswith(tail) for s in self.stops):
-                return n - keep
-        return n

@@ -38,9 +38,7 @@ class Origin(str, enum.Enum):
 
 
 Mode = Literal["edge", "cloud", "speculative", "route-query", "route-token", "split"]
-"""Generation modes; later issues add routing, split and minions through the same API."""
-
-MODES: tuple[str, ...] = ("edge", "cloud", "speculative", "route-query", "route-token", "split")
+"""The generation modes; each is declared by its entry in `tether.edge.MODE_REGISTRY`."""
 
 FinishReason = Literal["stop", "length"]
 """``"stop"``: an end-of-sequence token or a stop string; ``"length"``: `max_new_tokens` reached."""

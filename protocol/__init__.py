@@ -33,6 +33,7 @@ from tether.protocol._errors import (
     FrameTooLarge,
     FrameTruncated,
     HandshakeError,
+    HandshakeReplayed,
     HandshakeTimeout,
     InvalidMessage,
     KeepaliveTimeout,
@@ -52,11 +53,21 @@ from tether.protocol._errors import (
     VersionMismatch,
 )
 from tether.protocol._frames import FLAG_END, Frame, decode_frame, encode_frame
-from tether.protocol._keys import Allowlist, InsecureKeyFile, KeyFileError, KeyPair, PublicKey, load_public_key
+from tether.protocol._keys import (
+    PRIVATE_KEY_FILE,
+    Allowlist,
+    InsecureKeyFile,
+    KeyFileError,
+    KeyPair,
+    PublicKey,
+    load_public_key,
+)
 from tether.protocol._limits import AdmissionLimits, Limits, RekeyPolicy
 from tether.protocol._link import LinkEmulator, LinkProfile
 from tether.protocol._messages import (
     CATALOGUE,
+    COMPRESSION_DTYPES,
+    COMPRESSIONS,
     AppendTokens,
     Appended,
     Cancel,
@@ -68,10 +79,10 @@ from tether.protocol._messages import (
     ErrorCode,
     ErrorReply,
     Generate,
-    GenerateChunk,
+    Generated,
     Goodbye,
     Hello,
-    HiddenResult,
+    HiddenContinued,
     Kind,
     Message,
     OpenSession,
@@ -85,9 +96,20 @@ from tether.protocol._messages import (
     Scores,
     SessionClosed,
     SessionOpened,
+    Verified,
     VerifyDraft,
-    VerifyResult,
     Welcome,
+)
+from tether.protocol._operations import (
+    CAPABILITY_NAMES,
+    OPERATIONS,
+    Operation,
+    RequestBounds,
+    capabilities_from_names,
+    capability_names,
+    cloud_error,
+    error_reply_fields,
+    operation_for,
 )
 from tether.protocol._session import (
     CancelReceived,
@@ -100,13 +122,19 @@ from tether.protocol._session import (
     ServerProtocol,
     State,
 )
-from tether.protocol._tensors import DType, Tensor
+from tether.protocol._tensors import INT4_GROUP, DType, Tensor, wire_nbytes
 from tether.protocol._client import Connection, ReplyStream, connect
 from tether.protocol._server import Request, RequestFailed, Server, ServerConnection, serve
 
 __all__ = [
+    "CAPABILITY_NAMES",
     "CATALOGUE",
+    "COMPRESSIONS",
+    "COMPRESSION_DTYPES",
     "FLAG_END",
+    "INT4_GROUP",
+    "OPERATIONS",
+    "PRIVATE_KEY_FILE",
     "AdmissionLimits",
     "AdmissionRefused",
     "Allowlist",
@@ -137,14 +165,15 @@ __all__ = [
     "FrameTooLarge",
     "FrameTruncated",
     "Generate",
-    "GenerateChunk",
+    "Generated",
     "Goodbye",
     "GoodbyeReceived",
     "HandshakeComplete",
     "HandshakeError",
+    "HandshakeReplayed",
     "HandshakeTimeout",
     "Hello",
-    "HiddenResult",
+    "HiddenContinued",
     "InsecureKeyFile",
     "InvalidMessage",
     "KeepaliveTimeout",
@@ -156,6 +185,7 @@ __all__ = [
     "LinkEmulator",
     "LinkProfile",
     "Message",
+    "Operation",
     "MetadataTooLarge",
     "OpenSession",
     "PeerClosed",
@@ -167,6 +197,7 @@ __all__ = [
     "Rekey",
     "RekeyPolicy",
     "RemoteError",
+    "RequestBounds",
     "ReplyReceived",
     "ReplyStream",
     "Request",
@@ -192,13 +223,19 @@ __all__ = [
     "UnknownClientKey",
     "UnknownMessageType",
     "UsageError",
+    "Verified",
     "VerifyDraft",
-    "VerifyResult",
     "VersionMismatch",
     "Welcome",
+    "capabilities_from_names",
+    "capability_names",
+    "cloud_error",
     "connect",
     "decode_frame",
     "encode_frame",
+    "error_reply_fields",
     "load_public_key",
+    "operation_for",
     "serve",
+    "wire_nbytes",
 ]

@@ -14,11 +14,12 @@ import time
 from collections.abc import Collection
 from typing import Any
 
-from tether.protocol._driver import _Driver, _raise_ws_limit
+from tether.protocol._driver import _Driver, _DriverConnection, _raise_ws_limit
 from tether.protocol._errors import (
     ChannelError,
     CloseCode,
     HandshakeError,
+    HandshakeReplayed,
     HandshakeTimeout,
     RemoteError,
     ServerKeyMismatch,
@@ -42,7 +43,7 @@ from tether.protocol._ws import (
 __all__ = ["Connection", "ReplyStream", "connect"]
 
 
-class Connection:
+class Connection(_DriverConnection):
     """An open, authenticated client connection (from `connect`).
 
     Several requests may be in flight at once; each gets its own request id. Use
@@ -56,32 +57,19 @@ class Connection:
     """
 
     def __init__(self, driver: _Driver, protocol: ClientProtocol, url: str) -> None:
-        self._driver = driver
         self._protocol = protocol
         self.url = url
-        assert protocol.welcome is not None and protocol.peer is not None
+        assert protocol.welcome is not None
         self.welcome: Welcome = protocol.welcome
-        self.peer_public_key: PublicKey = protocol.peer
-        self.handshake_hash = protocol.handshake_hash
-        self.pattern = protocol.pattern
         self._waiters: dict[int, asyncio.Future[Message] | asyncio.Queue[Any]] = {}
         self._pings: dict[int, asyncio.Future[float]] = {}
         self._ping_started: dict[int, float] = {}
         limit = protocol.peer_max_in_flight or 1 << 30
         self._slots = asyncio.Semaphore(limit)
-        driver.on_events = self._on_events
-        driver.on_closed = self._on_closed
+        super().__init__(driver, protocol)
 
     def __repr__(self) -> str:
         return f"<tether Connection {self.url} server={self.peer_public_key.fingerprint} pattern={self.pattern}>"
-
-    @property
-    def closed(self) -> bool:
-        return self._driver.closed.is_set()
-
-    @property
-    def close_code(self) -> int | None:
-        return self._driver.close_code
 
     @property
     def in_flight(self) -> int:
@@ -149,11 +137,7 @@ class Connection:
     async def _flush(self) -> None:
         """Send what is queued; if the websocket is already closed, raise the connection's
         typed error (PeerClosed with the server's close code...), never a websockets one."""
-        try:
-            await self._driver.flush()
-        except ConnectionClosed:
-            await self._driver.closed.wait()  # the reader turns the close into that error
-            self._check_open()
+        await self._driver.flush_checked()
 
     async def _start(self, message: Message, waiter: asyncio.Future[Message] | asyncio.Queue[Any]) -> int:
         self._check_open()
@@ -211,14 +195,27 @@ class Connection:
         return ReplyStream(self, message)
 
     async def ping(self, *, timeout: float | None = 10.0) -> float:
-        """Round-trip time of an encrypted Ping/Pong, in seconds."""
+        """Round-trip time of an encrypted Ping/Pong, in seconds.
+
+        Raises:
+            PeerClosed, KeepaliveTimeout, ProtocolError...: the connection is closed, or
+                closed while waiting (the same error its requests see).
+            UsageError: this side is closing the connection.
+            TimeoutError: no Pong within `timeout` seconds (the connection stays open).
+        """
         self._check_open()
         ping_id = self._protocol.send_ping()
         future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
         self._pings[ping_id] = future
         self._ping_started[ping_id] = time.monotonic()
-        await self._driver.flush()
-        return await asyncio.wait_for(future, timeout)
+        try:
+            await self._flush()
+            return await asyncio.wait_for(future, timeout)
+        finally:
+            self._pings.pop(ping_id, None)
+            self._ping_started.pop(ping_id, None)
+            if future.done() and not future.cancelled():
+                future.exception()  # retrieved here, so asyncio never warns about it
 
     async def close(self, code: int = CloseCode.NORMAL, *, drain: float | None = 5.0) -> None:
         """Graceful close: wait up to `drain` seconds for requests in flight, then Goodbye.
@@ -326,7 +323,8 @@ def _streams(message: Message) -> bool:
 def _remote_error(event: ReplyReceived) -> RemoteError:
     reply = event.message
     assert isinstance(reply, ErrorReply)
-    return RemoteError(int(reply.code), reply.message, retryable=reply.retryable, request_id=event.request_id)
+    return RemoteError(int(reply.code), reply.message, retryable=reply.retryable, request_id=event.request_id,
+                       reason=reply.reason)
 
 
 async def connect(
@@ -359,7 +357,9 @@ async def connect(
             handshake proceeds pinned to it. Any other key is refused with
             ServerKeyMismatch naming both fingerprints.
         token: bearer token, sent only inside the encrypted channel.
-        pattern: "IK" (one round trip) or "XX" (the server's key travels encrypted).
+        pattern: "IK" (the server's key is never sent; message 1 carries a timestamp the
+            server checks for replays) or "XX" (the server's key travels encrypted). Both
+            take two round trips: the Welcome answers the client's Hello record.
         limits: limits for what this client accepts.
         rekey: when this client rekeys its sending key.
         ssl: TLS context for ``wss://`` (default: system trust store).
@@ -374,7 +374,10 @@ async def connect(
 
     Raises:
         ServerKeyMismatch, UnknownClientKey, BadToken: refused identity or credential.
-        HandshakeError, VersionMismatch, HandshakeTimeout: the handshake failed.
+        TooManyConnections: this client key already holds the server's
+            `max_connections_per_client` connections (refused before the Welcome).
+        HandshakeError, VersionMismatch, HandshakeTimeout: the handshake failed
+            (HandshakeReplayed only if three fresh IK timestamps in a row were refused).
         PeerClosed: the server closed the connection during the handshake.
         OSError: the server could not be reached.
     """
@@ -387,25 +390,36 @@ async def connect(
                 server_key = await _key_for_fingerprint(url, str(server_public_key), limits=limits, ssl=ssl, proxy=proxy)
             else:
                 server_key = load_public_key(server_public_key)
-            return await _connect(
-                url,
-                client_keys,
-                server_key,
-                token=token,
-                pattern=pattern,
-                limits=limits,
-                rekey=rekey,
-                ssl=ssl,
-                link=link,
-                capabilities=capabilities,
-                keepalive_interval=keepalive_interval,
-                keepalive_timeout=keepalive_timeout,
-                open_timeout=open_timeout,
-                padding_block=padding_block,
-                proxy=proxy,
-            )
+            for attempt in range(_REPLAY_RETRIES + 1):
+                try:
+                    return await _connect(
+                        url,
+                        client_keys,
+                        server_key,
+                        token=token,
+                        pattern=pattern,
+                        limits=limits,
+                        rekey=rekey,
+                        ssl=ssl,
+                        link=link,
+                        capabilities=capabilities,
+                        keepalive_interval=keepalive_interval,
+                        keepalive_timeout=keepalive_timeout,
+                        open_timeout=open_timeout,
+                        padding_block=padding_block,
+                        proxy=proxy,
+                    )
+                except HandshakeReplayed:
+                    # Two IK handshakes of this key crossed on the way (the later timestamp
+                    # arrived first): a fresh, newer timestamp goes through.
+                    if attempt == _REPLAY_RETRIES:
+                        raise
+            raise AssertionError("unreachable")
     except TimeoutError as exc:
         raise HandshakeTimeout(f"could not open {url} within {open_timeout:g} s") from exc
+
+
+_REPLAY_RETRIES = 2
 
 
 async def _open_ws(url: str, *, limits: Limits, ssl: ssl_module.SSLContext | None, proxy: str | None) -> ClientConnection:
@@ -451,12 +465,16 @@ async def _connect(
     )
     shapers = link.shapers(client_side=True) if link is not None else (None, None)
     driver = _Driver(ws, protocol, shapers=shapers, describe=f"connection to {url}")
-    try:
+
+    async def send_queued() -> None:
         try:
             await driver.flush()
-        except ConnectionClosed as exc:  # refused on arrival (e.g. 1013: the server is full)
+        except ConnectionClosed as exc:  # refused on arrival (e.g. 1013: the server is full), or closed
             code, _ = close_info(exc)
             raise _refusal(code, keys.public) from None
+
+    try:
+        await send_queued()
         while protocol.state is State.HANDSHAKE:
             try:
                 data = await driver.recv_handshake()
@@ -466,11 +484,12 @@ async def _connect(
             try:
                 protocol.receive_data(data)
             except ChannelError:
-                await driver.flush()
+                with contextlib.suppress(ConnectionClosed):
+                    await driver.flush()  # our Goodbye, if the peer is still there to read it
                 with contextlib.suppress(Exception):
                     await ws.close(protocol.close_code or int(CloseCode.PROTOCOL_ERROR))
                 raise
-            await driver.flush()
+            await send_queued()  # message 3 and the Hello (XX), or the Hello (IK)
     except HandshakeError as exc:
         with contextlib.suppress(Exception):
             await ws.close(int(exc.close_code or CloseCode.HANDSHAKE_FAILED))

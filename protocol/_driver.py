@@ -8,6 +8,7 @@ the error text going on the wire.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import logging
@@ -17,10 +18,11 @@ from typing import Any
 
 from tether.protocol._errors import ChannelError, CloseCode, ProtocolError, UsageError
 from tether.protocol._frames import EncodedFrame
+from tether.protocol._keys import PublicKey
 from tether.protocol._limits import Limits
 from tether.protocol._link import Shaper
 from tether.protocol._session import ClientProtocol, ServerProtocol, State
-from tether.protocol._transport import RECORD_OVERHEAD
+from tether.protocol._transport import message_size
 from tether.protocol._ws import (
     FRAGMENT_BYTES,
     ConnectionClosed,
@@ -40,7 +42,7 @@ def _ws_max_size(limits: Limits) -> int:
     overhead plus slack, so that a moderately oversized record reaches the record layer and
     closes with FRAME_TOO_LARGE (4030); anything larger is refused by the websocket layer
     itself with 1009 before it is buffered."""
-    return limits.max_frame_bytes + RECORD_OVERHEAD + _OVERSIZE_SLACK
+    return message_size(limits.max_frame_bytes) + _OVERSIZE_SLACK
 
 
 def _raise_ws_limit(ws: WebSocket, limits: Limits) -> None:
@@ -56,6 +58,11 @@ def _code_name(code: int | None) -> str:
 
 
 _CLOSE_FLUSH_S = 5.0  # how long a closing connection may take to send its last records
+# Messages larger than this are sealed and opened in a worker thread. `cryptography`'s AEAD
+# holds the GIL for each call, but a large message is many 64 KiB records, and between them
+# the event loop runs: a 32 MiB frame (tens of ms of decryption plus page faults on its fresh
+# buffer) no longer stalls every other connection's keepalive and handshake.
+OFFLOAD_BYTES = 1024 * 1024
 
 
 class _Driver:
@@ -116,6 +123,17 @@ class _Driver:
         self._kick.set()
         await waiter
 
+    async def flush_checked(self) -> None:
+        """`flush()`, raising the connection's typed error (`close_exc`: PeerClosed with the
+        peer's close code, KeepaliveTimeout...) if it is over, never a websockets exception."""
+        try:
+            await self.flush()
+        except ConnectionClosed:
+            await self.closed.wait()  # the reader turns the close into that error
+        if self.closed.is_set():
+            assert self.close_exc is not None
+            raise self.close_exc
+
     def flush_soon(self) -> None:
         """Start sending what is queued without waiting (for callers that must not await)."""
         if self.closed.is_set():
@@ -127,8 +145,8 @@ class _Driver:
     async def _sender(self) -> None:
         """Seal and send queued output in order, forever (cancelled when the connection ends).
 
-        Sealing happens on the event loop: `cryptography`'s AEAD holds the GIL, so a worker
-        thread would add hand-offs without adding parallelism.
+        Frames up to OFFLOAD_BYTES are sealed on the event loop (a hand-off would cost more
+        than the encryption); larger ones in a worker thread, so the loop keeps running.
         """
         while True:
             waiters: list[asyncio.Future[None]] = []
@@ -138,7 +156,12 @@ class _Driver:
                 self._kick.clear()
                 waiters, self._flush_waiters = self._flush_waiters, []
                 for item in self.protocol.pending_output():
-                    records = self.protocol.seal(item) if isinstance(item, EncodedFrame) else [item]
+                    if not isinstance(item, EncodedFrame):
+                        records = [item]
+                    elif item.size > OFFLOAD_BYTES:
+                        records = await asyncio.to_thread(self.protocol.seal, item)
+                    else:
+                        records = self.protocol.seal(item)
                     for record in records:
                         await self._send_record(record)
             except ConnectionClosed as exc:
@@ -262,11 +285,15 @@ class _Driver:
             await self.abort(ChannelError(f"internal error: {type(exc).__name__}"), code=CloseCode.INTERNAL_ERROR)
 
     async def _ingest(self, data: bytes) -> bool:
-        """Decrypt and handle one record, in arrival order; False once the connection is over."""
+        """Decrypt and handle one message, in arrival order; False once the connection is over."""
         protocol = self.protocol
         try:
-            events = protocol.receive_data(data)
+            if len(data) > OFFLOAD_BYTES and protocol.state is not State.HANDSHAKE:
+                events = protocol.receive_opened(await asyncio.to_thread(protocol.open_record, data))
+            else:
+                events = protocol.receive_data(data)
         except ChannelError as exc:
+            protocol.fail(exc)  # (a no-op when receive_data already failed it)
             await self.abort(exc, already_failed=True)
             return False
         if events:
@@ -358,3 +385,37 @@ class _Driver:
         await self.closed.wait()
 
 
+
+
+class _DriverConnection(abc.ABC):
+    """What the client's and the server's connection objects share: one driver, the
+    authenticated peer and the handshake's outcome; each end handles the events itself.
+
+    Subclasses set up their own state first and call this last, because the driver may hand
+    them events as soon as its hooks point at them.
+    """
+
+    def __init__(self, driver: _Driver, protocol: ClientProtocol | ServerProtocol) -> None:
+        self._driver = driver
+        assert protocol.peer is not None
+        self.peer_public_key: PublicKey = protocol.peer
+        self.pattern = protocol.pattern
+        self.handshake_hash = protocol.handshake_hash
+        driver.on_events = self._on_events
+        driver.on_closed = self._on_closed
+
+    @property
+    def closed(self) -> bool:
+        return self._driver.closed.is_set()
+
+    @property
+    def close_code(self) -> int | None:
+        return self._driver.close_code
+
+    @abc.abstractmethod
+    def _on_events(self, events: list[Any]) -> None:
+        """Handle the events the protocol produced from one received websocket message."""
+
+    @abc.abstractmethod
+    def _on_closed(self, exc: ChannelError) -> None:
+        """Fail whatever is still waiting: the connection closed with `exc`."""

@@ -14,6 +14,7 @@ Hierarchy::
         ├── HandshakeError            4001 the Noise handshake failed (bad message, DH failure)
         │   ├── VersionMismatch       4002 the peer speaks a protocol version we do not
         │   ├── HandshakeTimeout      4003 the handshake did not finish in time
+        │   ├── HandshakeReplayed     4004 an IK first message whose timestamp is not newer (a replay)
         │   └── AuthenticationError   4010 a peer identity or credential was refused
         │       ├── ServerKeyMismatch 4011 server's static key is not the pinned one (client side)
         │       ├── UnknownClientKey  4012 client's static key is not in the allowlist
@@ -59,6 +60,7 @@ class CloseCode(IntEnum):
     HANDSHAKE_FAILED = 4001
     UNSUPPORTED_VERSION = 4002
     HANDSHAKE_TIMEOUT = 4003
+    HANDSHAKE_REPLAYED = 4004
     AUTHENTICATION_FAILED = 4010
     SERVER_KEY_MISMATCH = 4011
     UNKNOWN_CLIENT_KEY = 4012
@@ -115,6 +117,17 @@ class HandshakeTimeout(HandshakeError):
     close_code = CloseCode.HANDSHAKE_TIMEOUT
 
 
+class HandshakeReplayed(HandshakeError):
+    """An IK first message carried a timestamp not newer than one already seen for its client key.
+
+    The server refuses it before answering (WireGuard's replay protection). A genuine client
+    sees this only when two of its handshakes crossed on the way (or its clock went back):
+    `connect()` retries with a fresh timestamp.
+    """
+
+    close_code = CloseCode.HANDSHAKE_REPLAYED
+
+
 class AuthenticationError(HandshakeError):
     """The handshake completed cryptographically but a peer identity or credential was refused."""
 
@@ -144,10 +157,16 @@ class UnknownClientKey(AuthenticationError):
 
     close_code = CloseCode.UNKNOWN_CLIENT_KEY
 
-    def __init__(self, fingerprint: str | None = None) -> None:
+    def __init__(self, fingerprint: str | None = None, *, public_key: str | None = None) -> None:
         who = f"client key {fingerprint}" if fingerprint else "the client key"
-        super().__init__(f"{who} is not in the server's allowlist")
+        if public_key is None:
+            text = f"{who} is not in the server's allowlist"
+        else:  # the refused client's view: say what the server's operator must run
+            text = (f"this device ({who}) is not on the server's allowlist; ask the server's operator to add it: "
+                    f"tether keys allow {public_key} --allowlist ALLOWLIST_FILE")
+        super().__init__(text)
         self.fingerprint = fingerprint
+        self.public_key = public_key
 
 
 class BadToken(AuthenticationError):
@@ -297,10 +316,13 @@ class KeepaliveTimeout(ChannelError):
 class AdmissionRefused(ChannelError):
     """A connection was refused because the server is at one of its `AdmissionLimits`.
 
-    Raised (and logged) on the server; a client sees the close code as `PeerClosed`.
+    Raised (and logged) on the server, and raised by `connect()` on the client.
+
+    Attributes:
+        limit: the limit reached (None on the client, which is not told the number).
     """
 
-    def __init__(self, message: str, *, limit: int) -> None:
+    def __init__(self, message: str, *, limit: int | None = None) -> None:
         super().__init__(message)
         self.limit = limit
 
@@ -349,9 +371,11 @@ class RemoteError(ChannelError):
         message: the peer's safe, human-readable message.
         retryable: whether the peer says retrying the same request may succeed.
         request_id: the failed request's id.
+        reason: the reply's `reason` field (why a session was evicted), or None.
     """
 
-    def __init__(self, code: int, message: str, *, retryable: bool = False, request_id: int = 0) -> None:
+    def __init__(self, code: int, message: str, *, retryable: bool = False, request_id: int = 0,
+                 reason: str | None = None) -> None:
         from tether.protocol._messages import ErrorCode
 
         try:
@@ -363,6 +387,7 @@ class RemoteError(ChannelError):
         self.message = message
         self.retryable = retryable
         self.request_id = request_id
+        self.reason = reason
 
 
 _BY_CODE: dict[int, type[ChannelError]] = {}
@@ -370,6 +395,7 @@ for _cls in (
     HandshakeError,
     VersionMismatch,
     HandshakeTimeout,
+    HandshakeReplayed,
     AuthenticationError,
     ServerKeyMismatch,
     UnknownClientKey,

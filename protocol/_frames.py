@@ -35,7 +35,7 @@ from tether.protocol._errors import (
     UsageError,
 )
 from tether.protocol._limits import Limits
-from tether.protocol._messages import CATALOGUE, Message
+from tether.protocol._messages import CATALOGUE, Message, VerifyDraft
 from tether.protocol._metadata import decode_metadata, encode_metadata
 from tether.protocol._schema import check_decoded_tensor
 from tether.protocol._tensors import DType, Tensor, decode_tensor, wire_nbytes_range
@@ -51,6 +51,16 @@ DIM = struct.Struct("<I")
 MAX_DIM = 2**32 - 1
 _ZERO_PAD = bytes(8)
 _DTYPES = {int(d): d for d in DType}
+# Tensor axes bounded by a `Limits` field beyond the element count, checked on the declared
+# shape before the data is read: message type -> tensor field -> per axis, the Limits
+# attribute bounding it (None: only max_tensor_elements).
+DIM_LIMITS: dict[type[Message], dict[str, tuple[str | None, ...]]] = {
+    VerifyDraft: {
+        "tokens": ("max_draft_tokens",),
+        "draft_indices": ("max_draft_tokens", "max_draft_width"),
+        "draft_probs": ("max_draft_tokens", "max_draft_width"),
+    },
+}
 
 
 def _pad8(n: int) -> int:
@@ -175,6 +185,7 @@ def decode_frame(buffer: bytes | bytearray | memoryview | np.ndarray, limits: Li
         raise MetadataTooLarge(meta_len, limits.max_metadata_bytes)
     pos = HEADER.size
     slots = {info.slot: info for info in cls.TENSOR_FIELDS}
+    dim_limits = DIM_LIMITS.get(cls, {})
     parsed: list[tuple[int, DType, tuple[int, ...], int]] = []
     last_slot = -1
     for index in range(count):
@@ -202,6 +213,12 @@ def decode_frame(buffer: bytes | bytearray | memoryview | np.ndarray, limits: Li
         elements = math.prod(shape)
         if elements > limits.max_tensor_elements:
             raise TensorTooLarge(elements, limits.max_tensor_elements, index)
+        field = slots[slot].name
+        for axis, (dim, limit_name) in enumerate(zip(shape, dim_limits.get(field, ()), strict=False)):
+            if limit_name is not None and dim > getattr(limits, limit_name):
+                raise LimitExceeded(
+                    f"{cls.__name__}.{field} axis {axis} ({limit_name})", dim, getattr(limits, limit_name), unit=""
+                )
         if dtype is DType.INT8_ROWWISE and ndim == 0:
             raise BadTensor(f"tensor {index}: INT8_ROWWISE needs at least one axis")
         low, high = wire_nbytes_range(dtype, shape)  # equal but for a DEFLATE-compressed dtype

@@ -4,34 +4,42 @@ What belongs here: the order of handshake messages, the preamble and prologue, a
 each handshake payload carries. Flows are generators (httpx's `auth_flow` habit): they
 yield `bytes` to send or `None` to ask for the next received message, get that message
 back through `.send()`, and return a `HandshakeResult`. No I/O, no policy decisions
-(who is admitted is decided by the caller from the result).
+(who is admitted is decided by the caller, after the client's Hello).
 
 First client message = preamble (8 bytes, clear) + Noise message 1:
 
-    preamble = b"TTHR" | u8 protocol version (1) | u8 pattern (1 XX, 2 IK) | u16 0
+    preamble = b"TTHR" | u8 protocol version (2) | u8 pattern (1 XX, 2 IK) | u16 0
     prologue = b"tether-noise-v1\\x00" + preamble
 
 Both sides mix the same prologue into the handshake hash, the server from the bytes it
 received: if anything on the path rewrites the preamble (a downgrade to another version
 or pattern), the handshake fails authentication.
+
+Payloads: IK message 1 carries a 12-byte TAI64N timestamp (replay protection, `_replay`);
+every other handshake payload is empty. The client's Hello (and its token) travels in its
+first transport record, which is forward secret in both patterns and proves that the
+client holds the ephemeral key (a replayed message 1 can never produce it).
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
 from tether.protocol._cipher import CipherState
-from tether.protocol._errors import HandshakeError, ProtocolError, ServerKeyMismatch, VersionMismatch
-from tether.protocol._frames import decode_frame, encode_frame
+from tether.protocol._errors import HandshakeError, ServerKeyMismatch, VersionMismatch
 from tether.protocol._keys import KeyPair, PublicKey
 from tether.protocol._limits import Limits
-from tether.protocol._messages import Hello
 from tether.protocol._noise import IK, XX, HandshakePattern, HandshakeState
+from tether.protocol._replay import TIMESTAMP_LEN, next_timestamp
 
 __all__ = [
+    "HELLO_LIMITS",
     "MAGIC",
+    "MAX_HELLO_BYTES",
     "PREAMBLE",
     "PROLOGUE_PREFIX",
     "PROTOCOL_VERSION",
@@ -41,16 +49,21 @@ __all__ = [
 ]
 
 MAGIC = b"TTHR"
-PROTOCOL_VERSION = 1
+# 2: the Hello moved from the handshake payload to the first transport record, IK message 1
+# carries a timestamp, and frames over 65,519 bytes span several records.
+PROTOCOL_VERSION = 2
 PREAMBLE = struct.Struct("<4sBBH")
 PROLOGUE_PREFIX = b"tether-noise-v1\x00"
 PATTERN_IDS: dict[str, int] = {"XX": 1, "IK": 2}
 PATTERNS_BY_ID: dict[int, HandshakePattern] = {1: XX, 2: IK}
 MAX_HELLO_BYTES = 16 * 1024
 # The Hello is decoded with fixed limits, whatever a deployment configures for transport.
-_HELLO_LIMITS = Limits(max_frame_bytes=MAX_HELLO_BYTES, max_metadata_bytes=MAX_HELLO_BYTES, max_tensors=1)
+HELLO_LIMITS = Limits(max_frame_bytes=MAX_HELLO_BYTES, max_metadata_bytes=MAX_HELLO_BYTES, max_tensors=1)
 
 Flow = Generator["bytes | None", "bytes | None", "HandshakeResult"]
+# Called by the server with the client's authenticated static key and IK timestamp, before
+# it answers message 1; raising refuses the handshake (the replay check).
+InitiatorCheck = Callable[[PublicKey, bytes], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +75,6 @@ class HandshakeResult:
     peer: PublicKey
     handshake_hash: bytes
     pattern: str
-    hello: Hello | None = None  # server side: the client's Hello
 
 
 def preamble(pattern: str, version: int = PROTOCOL_VERSION) -> bytes:
@@ -78,13 +90,21 @@ def _received(data: bytes | None) -> bytes:
 def client_handshake(
     keys: KeyPair,
     server_key: PublicKey,
-    hello: Hello,
     *,
     pattern: str = "IK",
+    timestamp: bytes | None = None,
+    ephemeral: X25519PrivateKey | None = None,
     version: int = PROTOCOL_VERSION,
     prologue_prefix: bytes = PROLOGUE_PREFIX,
 ) -> Flow:
-    """Initiator flow. XX: -> e; <- e, ee, s, es; -> s, se (+Hello). IK: -> e, es, s, ss (+Hello); <- e, ee, se.
+    """Initiator flow. XX: -> e; <- e, ee, s, es; -> s, se. IK: -> e, es, s, ss (+timestamp); <- e, ee, se.
+
+    Args:
+        keys: the client's static key pair.
+        server_key: the pinned server key (IK: encrypted to; XX: compared with the one presented).
+        pattern: "IK" or "XX".
+        timestamp: IK's TAI64N payload (default: `next_timestamp()`, strictly increasing per process).
+        ephemeral: a fixed ephemeral key, for known-answer tests and the documented example only.
 
     Raises (out of the generator):
         ServerKeyMismatch: XX only: the server presented a key other than `server_key`.
@@ -93,29 +113,26 @@ def client_handshake(
     if pattern not in PATTERN_IDS:
         raise VersionMismatch(f"unknown handshake pattern {pattern!r}")
     head = preamble(pattern, version)
-    noise_pattern = PATTERNS_BY_ID[PATTERN_IDS[pattern]]
     state = HandshakeState(
-        noise_pattern,
+        PATTERNS_BY_ID[PATTERN_IDS[pattern]],
         initiator=True,
         prologue=prologue_prefix + head,
         s=keys.private_key,
         rs=server_key.raw if pattern == "IK" else None,
+        e=ephemeral,
     )
-    hello_bytes = encode_frame(hello).tobytes()
     if pattern == "XX":
         yield head + state.write_message(b"")
-        payload = state.read_message(_received((yield None)))
-        if payload:
+        if state.read_message(_received((yield None))):
             raise HandshakeError("unexpected payload in handshake message 2")
         assert state.rs is not None
         presented = PublicKey(state.rs)
         if presented != server_key:
             raise ServerKeyMismatch(server_key.fingerprint, presented.fingerprint)
-        yield state.write_message(hello_bytes)
+        yield state.write_message(b"")
     else:
-        yield head + state.write_message(hello_bytes)
-        payload = state.read_message(_received((yield None)))
-        if payload:
+        yield head + state.write_message(next_timestamp() if timestamp is None else timestamp)
+        if state.read_message(_received((yield None))):
             raise HandshakeError("unexpected payload in handshake message 2")
     send, receive = state.split()
     return HandshakeResult(send, receive, server_key, state.handshake_hash, pattern)
@@ -136,12 +153,26 @@ def probe_server_key(*, version: int = PROTOCOL_VERSION) -> Generator[bytes | No
     return PublicKey(state.rs)
 
 
-def server_handshake(keys: KeyPair, *, limits: Limits, patterns: tuple[str, ...] = ("XX", "IK")) -> Flow:
+def server_handshake(
+    keys: KeyPair,
+    *,
+    patterns: tuple[str, ...] = ("XX", "IK"),
+    check_initiator: InitiatorCheck | None = None,
+    ephemeral: X25519PrivateKey | None = None,
+) -> Flow:
     """Responder flow for either pattern, chosen by the client's preamble.
+
+    Args:
+        keys: the server's static key pair.
+        patterns: the patterns offered.
+        check_initiator: IK only: called with the client's key and timestamp once message 1
+            has authenticated, before message 2 is written (the server's replay check).
+        ephemeral: a fixed ephemeral key, for known-answer tests and the documented example only.
 
     Raises (out of the generator):
         VersionMismatch: unsupported version or pattern in the preamble.
-        HandshakeError: malformed or unauthentic handshake message, or malformed Hello.
+        HandshakeError: malformed or unauthentic handshake message, a payload that is not
+            what the pattern carries, or whatever `check_initiator` raises.
     """
     first = _received((yield None))
     if len(first) < PREAMBLE.size:
@@ -155,25 +186,23 @@ def server_handshake(keys: KeyPair, *, limits: Limits, patterns: tuple[str, ...]
     if reserved or noise_pattern is None or noise_pattern.name not in patterns:
         raise VersionMismatch(f"handshake pattern {pattern_id} is not offered by this server")
     head = bytes(first[: PREAMBLE.size])
-    state = HandshakeState(noise_pattern, initiator=False, prologue=PROLOGUE_PREFIX + head, s=keys.private_key)
+    state = HandshakeState(
+        noise_pattern, initiator=False, prologue=PROLOGUE_PREFIX + head, s=keys.private_key, e=ephemeral
+    )
     payload = state.read_message(bytes(first[PREAMBLE.size :]))
     if noise_pattern is XX:
         if payload:
             raise HandshakeError("unexpected payload in handshake message 1")
         yield state.write_message(b"")
-        hello_bytes = state.read_message(_received((yield None)))
+        if state.read_message(_received((yield None))):
+            raise HandshakeError("unexpected payload in handshake message 3")
     else:
-        hello_bytes = payload
+        if len(payload) != TIMESTAMP_LEN:
+            raise HandshakeError(f"IK message 1 must carry a {TIMESTAMP_LEN}-byte timestamp, got {len(payload)} bytes")
+        assert state.rs is not None
+        if check_initiator is not None:
+            check_initiator(PublicKey(state.rs), payload)
         yield state.write_message(b"")
     assert state.rs is not None
-    peer = PublicKey(state.rs)
-    if len(hello_bytes) > MAX_HELLO_BYTES:
-        raise HandshakeError(f"Hello of {len(hello_bytes)} bytes exceeds {MAX_HELLO_BYTES}")
-    try:
-        frame = decode_frame(hello_bytes, _HELLO_LIMITS)
-    except ProtocolError as exc:
-        raise HandshakeError(f"malformed Hello: {exc}") from exc
-    if not isinstance(frame.message, Hello) or frame.request_id or frame.flags:
-        raise HandshakeError("the handshake payload must be a Hello")
     receive, send = state.split()
-    return HandshakeResult(send, receive, peer, state.handshake_hash, noise_pattern.name, frame.message)
+    return HandshakeResult(send, receive, PublicKey(state.rs), state.handshake_hash, noise_pattern.name)

@@ -12,6 +12,7 @@ import binascii
 import hashlib
 import logging
 import os
+import shlex
 import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -144,7 +145,11 @@ class KeyPair:
         try:
             fd = os.open(file, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
         except FileNotFoundError as exc:
-            raise KeyFileError(f"no private key at {file} (create one: tether keys generate)") from exc
+            # A missing path is most often the key directory not created yet: suggest exactly that one.
+            directory = file.parent if file.name == PRIVATE_KEY_FILE else file
+            raise KeyFileError(
+                f"no private key at {file} (create one: tether keys generate {shlex.quote(str(directory))})"
+            ) from exc
         except OSError as exc:
             raise KeyFileError(f"cannot open private key {file}: {exc.strerror}") from exc
         with os.fdopen(fd, "rb") as handle:
@@ -189,13 +194,18 @@ class KeyPair:
         return private_path, public_path
 
 
-def _key_lines(data: bytes, where: Path) -> list[tuple[int, str]]:
-    if len(data) > _MAX_KEY_FILE_BYTES:
-        raise KeyFileError(f"{where}: file too large for a key file")
+def _key_lines(
+    data: bytes, where: Path, *, limit: int = _MAX_KEY_FILE_BYTES, too_large: str = "file too large for a key file",
+    encoding: str = "ascii",
+) -> list[tuple[int, str]]:
+    """The numbered non-empty lines of a key file (or, with its limit and encoding, an
+    allowlist), `#` comments removed; the size is checked before decoding."""
+    if len(data) > limit:
+        raise KeyFileError(f"{where}: {too_large}")
     try:
-        text = data.decode("ascii")
+        text = data.decode(encoding)
     except UnicodeDecodeError as exc:
-        raise KeyFileError(f"{where}: not ASCII text") from exc
+        raise KeyFileError(f"{where}: not {encoding.upper()} text") from exc
     lines = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         stripped = line.split("#", 1)[0].strip()
@@ -261,18 +271,9 @@ class Allowlist:
                 data = handle.read(_MAX_ALLOWLIST_BYTES + 1)
         except OSError as exc:
             raise KeyFileError(f"cannot read allowlist {path}: {exc.strerror}") from exc
-        if len(data) > _MAX_ALLOWLIST_BYTES:
-            raise KeyFileError(f"{path}: allowlist larger than {_MAX_ALLOWLIST_BYTES} bytes")
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise KeyFileError(f"{path}: not UTF-8 text") from exc
-        keys = set()
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            content = line.split("#", 1)[0].strip()
-            if content:
-                keys.add(_decode_key(content.split()[0], f"{path}:{lineno}"))
-        return frozenset(keys)
+        lines = _key_lines(data, path, limit=_MAX_ALLOWLIST_BYTES,
+                           too_large=f"allowlist larger than {_MAX_ALLOWLIST_BYTES} bytes", encoding="utf-8")
+        return frozenset(_decode_key(content.split()[0], f"{path}:{lineno}") for lineno, content in lines)
 
     def refresh(self) -> None:
         """Reload the file if it changed since the last load (called by every lookup)."""

@@ -28,6 +28,11 @@ class Limits:
         max_ndim: highest tensor rank.
         max_in_flight: most requests one client may have open at once; more are refused
             with ErrorReply(OVERLOADED).
+        max_draft_tokens: most draft tokens k in one VerifyDraft.
+        max_draft_width: most entries m per row of VerifyDraft's sparse draft distribution
+            (`draft_indices`, `draft_probs`: k x m). Both are checked on the declared
+            shapes, before the tensor data is read, so the largest VerifyDraft a peer can
+            make the receiver handle is k x m, not the frame limit.
     """
 
     max_frame_bytes: int = 32 * MiB
@@ -37,6 +42,8 @@ class Limits:
     max_tensors: int = 16
     max_ndim: int = 8
     max_in_flight: int = 64
+    max_draft_tokens: int = 128
+    max_draft_width: int = 1024
 
     def __post_init__(self) -> None:
         for name in self.__dataclass_fields__:
@@ -81,8 +88,9 @@ class AdmissionLimits:
 
     - a connection over `max_connections` is closed before the handshake with 1013
       TRY_AGAIN_LATER (`ServerBusy`), so a flood of dials costs no Diffie-Hellman;
-    - one over `max_connections_per_client` is closed right after the handshake with 4060
-      TOO_MANY_CONNECTIONS (`TooManyConnections`);
+    - one over `max_connections_per_client` is refused once its Hello arrives (the client
+      proved it holds the session keys, so a replayed handshake is never counted) and before
+      the Welcome, with 4060 TOO_MANY_CONNECTIONS: `connect()` raises `TooManyConnections`;
     - a request over the client's rate is answered ErrorReply(OVERLOADED, retryable=True)
       saying when to retry; the connection stays open.
 

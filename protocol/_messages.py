@@ -6,6 +6,11 @@ values are frozen; tensors are numpy arrays (token ids, probabilities) or `Tenso
 (hidden states, any wire dtype). Conventions: p = target (cloud) distribution,
 q = draft (edge) distribution; positions and lengths count tokens in the session's
 context.
+
+Values of the session contract that travel inside messages are the contract's own classes
+(`tether.contract.SamplingParams`, `ChatMessage`), embedded with `embed`, so the wire and
+the API validate them with one rule. Which request maps to which session method and reply,
+and how their values convert, is the operation table (`_operations.py`).
 """
 
 from __future__ import annotations
@@ -18,12 +23,15 @@ from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
+from tether.contract import EVICTION_REASONS, ChatMessage, SamplingParams
 from tether.protocol._errors import InvalidMessage
-from tether.protocol._schema import Record, TensorFieldInvalid, late_field, record, tensor_field
+from tether.protocol._schema import Record, TensorFieldInvalid, embed, late_field, record, tensor_field
 from tether.protocol._tensors import DType, Tensor
 
 __all__ = [
     "CATALOGUE",
+    "COMPRESSIONS",
+    "COMPRESSION_DTYPES",
     "FINISH_REASONS",
     "AppendTokens",
     "Appended",
@@ -36,10 +44,10 @@ __all__ = [
     "ErrorCode",
     "ErrorReply",
     "Generate",
-    "GenerateChunk",
+    "Generated",
     "Goodbye",
     "Hello",
-    "HiddenResult",
+    "HiddenContinued",
     "Kind",
     "Message",
     "OpenSession",
@@ -53,8 +61,8 @@ __all__ = [
     "Scores",
     "SessionClosed",
     "SessionOpened",
+    "Verified",
     "VerifyDraft",
-    "VerifyResult",
     "Welcome",
 ]
 
@@ -63,9 +71,14 @@ _F32 = (DType.FLOAT32,)
 _HIDDEN = (DType.FLOAT32, DType.FLOAT16, DType.BFLOAT16, DType.INT8_ROWWISE, DType.INT8_ROWWISE_DEFLATE,
            DType.INT4_GROUPED)
 FINISH_REASONS = ("stop", "length", "cancelled")
-COMPRESSIONS = {"none": DType.FLOAT32, "fp16": DType.FLOAT16, "bf16": DType.BFLOAT16, "int8": DType.INT8_ROWWISE,
-                "int8-deflate": DType.INT8_ROWWISE_DEFLATE, "int4": DType.INT4_GROUPED}
-CHAT_ROLES = ("system", "user", "assistant", "tool")
+COMPRESSION_DTYPES: dict[str, DType] = {
+    "fp32": DType.FLOAT32, "fp16": DType.FLOAT16, "bf16": DType.BFLOAT16, "int8": DType.INT8_ROWWISE,
+    "int8-deflate": DType.INT8_ROWWISE_DEFLATE, "int4": DType.INT4_GROUPED,
+}
+"""Each compression name of hidden states and the wire dtype that carries it."""
+COMPRESSIONS: tuple[str, ...] = tuple(COMPRESSION_DTYPES)
+"""The one vocabulary of hidden-state compressions (the edge's `SplitOptions.compression`,
+`ContinueHidden.compression`), lossless first."""
 MAX_SESSION_ID = 128
 MAX_TOP_K = 1024
 MAX_ERROR_MESSAGE = 1024
@@ -133,38 +146,19 @@ def _top(indices: np.ndarray | None, logprobs: np.ndarray | None, where: str, ro
             raise TensorFieldInvalid(f"{where}: expected {rows} rows of top-k, got {indices.shape[0]}")
 
 
-# --------------------------------------------------------------------------- nested records
+# --------------------------------------------------------------------------- nested values
+
+# The contract's values travel as nested objects; the seed of SamplingParams travels beside
+# it (OpenSession.seed, Chat.seed), as it always has, so `sampling` carries the three
+# warping settings only.
+embed(SamplingParams, fields=("temperature", "top_p", "top_k"))
+embed(ChatMessage, fields=("role", "content"))
 
 
-@record
-@dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
-class SamplingParams(Record):
-    """How the cloud samples. temperature 0 means greedy (argmax); top_k 0 means off."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-
-    def _check(self) -> None:
-        if not 0.0 <= self.temperature <= 100.0:
-            raise InvalidMessage(f"SamplingParams.temperature must be in [0, 100], got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise InvalidMessage(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise InvalidMessage(f"SamplingParams.top_k must be >= 0, got {self.top_k}")
-
-
-@record
-@dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
-class ChatMessage(Record):
-    """One chat turn: role is system, user, assistant or tool."""
-
-    role: str
-    content: str
-
-    def _check(self) -> None:
-        if self.role not in CHAT_ROLES:
-            raise InvalidMessage(f"ChatMessage.role must be one of {CHAT_ROLES}, got {self.role!r}")
+def _no_seed(sampling: SamplingParams | None, where: str) -> None:
+    """The nested sampling object has no seed on the wire: refuse one rather than drop it."""
+    if sampling is not None and sampling.seed is not None:
+        raise InvalidMessage(f"{where}.sampling.seed does not travel; pass the seed as {where}.seed")
 
 
 # --------------------------------------------------------------------------- messages
@@ -310,6 +304,7 @@ class OpenSession(Message):
         if not self.model:
             raise InvalidMessage("OpenSession.model must not be empty")
         _non_negative(self.max_tokens, "OpenSession.max_tokens")
+        _no_seed(self.sampling, "OpenSession")
 
 
 @message(0x0202, Kind.REPLY)
@@ -338,7 +333,7 @@ class AppendTokens(Message):
 
 @message(0x0203, Kind.REPLY)
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
-class VerifyResult(Message):
+class Verified(Message):
     """`accepted` draft tokens were kept; `next_token` is the correction (a draft token was
     rejected) or the bonus token (all were accepted). The context now holds the accepted
     tokens and next_token: `length`.
@@ -357,11 +352,11 @@ class VerifyResult(Message):
     queue_s: float | None = late_field()
 
     def _check(self) -> None:
-        _session_id(self.session_id, "VerifyResult")
-        _cost(self.forward_passes, self.compute_s, self.queue_s, "VerifyResult")
-        _non_negative(self.accepted, "VerifyResult.accepted")
-        _non_negative(self.length, "VerifyResult.length")
-        _finish(self.finish_reason, "VerifyResult")
+        _session_id(self.session_id, "Verified")
+        _cost(self.forward_passes, self.compute_s, self.queue_s, "Verified")
+        _non_negative(self.accepted, "Verified.accepted")
+        _non_negative(self.length, "Verified.length")
+        _finish(self.finish_reason, "Verified")
 
 
 @message(0x0103, Kind.REQUEST, operation="verify")
@@ -375,7 +370,7 @@ class VerifyDraft(Message):
     was sampled from (e.g. top-m renormalised), so tokens[i] is among draft_indices[i].
     """
 
-    REPLY = VerifyResult
+    REPLY = Verified
     session_id: str
     tokens: np.ndarray = tensor_field(*_INT, ndim=1)
     draft_indices: np.ndarray | None = tensor_field(*_INT, ndim=2, optional=True)
@@ -445,7 +440,7 @@ class ScoreTokens(Message):
 
 @message(0x0205, Kind.REPLY)
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
-class GenerateChunk(Message):
+class Generated(Message):
     """Some generated tokens; the END-flagged chunk carries finish_reason.
 
     Cost fields (optional, sent only to clients that announce the "cost" capability):
@@ -461,17 +456,17 @@ class GenerateChunk(Message):
     tokens: np.ndarray = tensor_field(*_INT, ndim=1)
 
     def _check(self) -> None:
-        _session_id(self.session_id, "GenerateChunk")
-        _cost(self.forward_passes, self.compute_s, self.queue_s, "GenerateChunk")
-        _finish(self.finish_reason, "GenerateChunk")
+        _session_id(self.session_id, "Generated")
+        _cost(self.forward_passes, self.compute_s, self.queue_s, "Generated")
+        _finish(self.finish_reason, "Generated")
 
 
 @message(0x0105, Kind.REQUEST, operation="generate")
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
 class Generate(Message):
-    """Generate up to `max_new_tokens` (streamed as GenerateChunk replies)."""
+    """Generate up to `max_new_tokens` (streamed as Generated replies)."""
 
-    REPLY = GenerateChunk
+    REPLY = Generated
     STREAMING = True
     session_id: str
     max_new_tokens: int
@@ -482,11 +477,12 @@ class Generate(Message):
         _session_id(self.session_id, "Generate")
         if self.max_new_tokens < 1:
             raise InvalidMessage(f"Generate.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        _no_seed(self.sampling, "Generate")
 
 
 @message(0x0206, Kind.REPLY)
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
-class HiddenResult(Message):
+class HiddenContinued(Message):
     """The token sampled after running layers [layer, L); optional top-k of its distribution.
 
     Cost fields (optional, sent only to clients that announce the "cost" capability):
@@ -504,10 +500,10 @@ class HiddenResult(Message):
     top_logprobs: np.ndarray | None = tensor_field(*_F32, ndim=1, optional=True)
 
     def _check(self) -> None:
-        _session_id(self.session_id, "HiddenResult")
-        _cost(self.forward_passes, self.compute_s, self.queue_s, "HiddenResult")
-        _finish(self.finish_reason, "HiddenResult")
-        _top(self.top_indices, self.top_logprobs, "HiddenResult", None)
+        _session_id(self.session_id, "HiddenContinued")
+        _cost(self.forward_passes, self.compute_s, self.queue_s, "HiddenContinued")
+        _finish(self.finish_reason, "HiddenContinued")
+        _top(self.top_indices, self.top_logprobs, "HiddenContinued", None)
 
 
 @message(0x0106, Kind.REQUEST, operation="hidden")
@@ -515,15 +511,16 @@ class HiddenResult(Message):
 class ContinueHidden(Message):
     """Split computing: hidden states after the edge ran layers [0, layer) for n new tokens.
 
-    hidden: (n, hidden_size); its dtype must match `compression` ("none" float32, "fp16",
-    "bf16", "int8" = INT8_ROWWISE, "int8-deflate" = INT8_ROWWISE_DEFLATE, "int4" = INT4_GROUPED). `tokens` (n,) names the tokens
+    hidden: (n, hidden_size); its dtype must match `compression` (one of `COMPRESSIONS`:
+    "fp32", "fp16", "bf16", "int8" = INT8_ROWWISE, "int8-deflate" = INT8_ROWWISE_DEFLATE,
+    "int4" = INT4_GROUPED; see `COMPRESSION_DTYPES`). `tokens` (n,) names the tokens
     they belong to (split-mode clients leave it out: the point is not to send token ids).
     """
 
-    REPLY = HiddenResult
+    REPLY = HiddenContinued
     session_id: str
     layer: int
-    compression: str = "none"
+    compression: str = "fp32"
     top_k: int = 0
     hidden: Tensor = tensor_field(*_HIDDEN, ndim=2)
     tokens: np.ndarray | None = tensor_field(*_INT, ndim=1, optional=True)
@@ -531,11 +528,11 @@ class ContinueHidden(Message):
     def _check(self) -> None:
         _session_id(self.session_id, "ContinueHidden")
         _non_negative(self.layer, "ContinueHidden.layer")
-        if self.compression not in COMPRESSIONS:
-            raise InvalidMessage(f"ContinueHidden.compression must be one of {sorted(COMPRESSIONS)}")
-        if COMPRESSIONS[self.compression] is not self.hidden.dtype:
+        if self.compression not in COMPRESSION_DTYPES:
+            raise InvalidMessage(f"ContinueHidden.compression must be one of {COMPRESSIONS}")
+        if COMPRESSION_DTYPES[self.compression] is not self.hidden.dtype:
             raise TensorFieldInvalid(
-                f"ContinueHidden: compression {self.compression!r} needs {COMPRESSIONS[self.compression].name}, "
+                f"ContinueHidden: compression {self.compression!r} needs {COMPRESSION_DTYPES[self.compression].name}, "
                 f"hidden is {self.hidden.dtype.name}"
             )
         if self.tokens is not None and self.tokens.shape[0] != self.hidden.shape[0]:
@@ -581,6 +578,7 @@ class Chat(Message):
             raise InvalidMessage("Chat.messages must not be empty")
         if self.max_tokens < 1:
             raise InvalidMessage(f"Chat.max_tokens must be >= 1, got {self.max_tokens}")
+        _no_seed(self.sampling, "Chat")
 
 
 @message(0x0208, Kind.REPLY)
@@ -639,10 +637,14 @@ class ErrorReply(Message):
     code: ErrorCode
     message: str = ""
     retryable: bool = False
+    # SESSION_EVICTED: why (one of the contract's EVICTION_REASONS); unset for other codes.
+    reason: str | None = late_field()
 
     def _check(self) -> None:
         if len(self.message) > MAX_ERROR_MESSAGE:
             raise InvalidMessage(f"ErrorReply.message is limited to {MAX_ERROR_MESSAGE} characters")
+        if self.reason is not None and self.reason not in EVICTION_REASONS:
+            raise InvalidMessage(f"ErrorReply.reason must be one of {EVICTION_REASONS}, got {self.reason!r}")
 
 
 REQUEST_TYPES: tuple[type[Message], ...] = tuple(c for c in CATALOGUE.values() if c.KIND is Kind.REQUEST)

@@ -21,11 +21,12 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from tether.errors import TetherError
 from tether.protocol._errors import BadMetadata, BadTensor, InvalidMessage
 from tether.protocol._metadata import INT64_MAX, INT64_MIN
 from tether.protocol._tensors import _FROM_NUMPY, DType, Tensor
 
-__all__ = ["Record", "TensorSpec", "late_field", "tensor_field"]
+__all__ = ["Record", "TensorSpec", "embed", "late_field", "tensor_field"]
 
 Converter = Callable[[Any, str, bool], Any]
 
@@ -154,6 +155,8 @@ def _make_converter(tp: Any) -> tuple[Converter, Callable[[Any], Any]]:
                 raise _err(remote, f"{path}: {number} is not a known {enum_type.__name__}") from None
 
         return conv_enum, int
+    if isinstance(tp, type) and tp in _EMBEDDED:
+        return _embedded_converter(tp)
     if isinstance(tp, type) and issubclass(tp, Record):
         record_type = tp
 
@@ -169,6 +172,60 @@ def _make_converter(tp: Any) -> tuple[Converter, Callable[[Any], Any]]:
     if tp in simple:
         return simple[tp], _identity
     raise TypeError(f"unsupported field type {tp!r}")
+
+
+# Frozen dataclasses defined outside the protocol (the session contract's values) that
+# messages embed as nested metadata objects: class -> the fields that travel, in order.
+_EMBEDDED: dict[type, tuple[str, ...]] = {}
+
+
+def embed(cls: type, *, fields: tuple[str, ...]) -> None:
+    """Let messages carry `cls` (a frozen dataclass defined elsewhere) as a nested object.
+
+    Only `fields` travel (a field left out must have a default, e.g. the contract's
+    `SamplingParams.seed`, which the messages carry beside it). Building the value runs the
+    class's own validation, so the wire and the API share one rule; on decode its errors
+    become `BadMetadata`.
+
+    Args:
+        cls: a frozen, keyword-constructible dataclass.
+        fields: the names of the fields that go on the wire.
+    """
+    names = {f.name for f in dataclasses.fields(cls)}
+    missing = [f for f in fields if f not in names]
+    if missing:
+        raise TypeError(f"{cls.__name__} has no fields {missing}")
+    _EMBEDDED[cls] = tuple(fields)
+
+
+def _embedded_converter(cls: type) -> tuple[Converter, Callable[[Any], Any]]:
+    hints = typing.get_type_hints(cls)
+    names = _EMBEDDED[cls]
+    convs = {n: _make_converter(hints[n]) for n in names}
+    required = {f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+
+    def conv_embedded(value: Any, path: str, remote: bool) -> Any:
+        if isinstance(value, cls) and not remote:
+            return value
+        if not isinstance(value, dict):
+            raise _err(remote, f"{path}: expected an object, got {type(value).__name__}")
+        for key in value:
+            if key not in convs:
+                raise _err(remote, f"{path}: unknown field {key!r}")
+        for name in required:
+            if name not in value:
+                raise _err(remote, f"{path}: missing field {name!r}")
+        kwargs = {n: convs[n][0](value[n], f"{path}.{n}", remote) for n in names if n in value}
+        try:
+            return cls(**kwargs)
+        except (TetherError, ValueError) as exc:  # the contract's own rule, reported at this path
+            raise _err(remote, f"{path}: {exc}") from None
+
+    def to_json(value: Any) -> dict[str, Any]:
+        return {n: convs[n][1](convs[n][0](getattr(value, n), n, False)) for n in names}
+
+    return conv_embedded, to_json
 
 
 def _summary(value: Any) -> str:

@@ -18,7 +18,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from typing import Any
 
-from tether.protocol._driver import _Driver, _raise_ws_limit
+from tether.protocol._driver import _Driver, _DriverConnection, _raise_ws_limit
 from tether.protocol._errors import (
     ChannelError,
     CloseCode,
@@ -33,6 +33,7 @@ from tether.protocol._keys import Allowlist, KeyPair, PublicKey
 from tether.protocol._limits import AdmissionLimits, Limits, RateLimiter, RekeyPolicy
 from tether.protocol._link import LinkEmulator
 from tether.protocol._messages import ErrorCode, ErrorReply, Hello, Message
+from tether.protocol._replay import ReplayGuard
 from tether.protocol._session import (
     CancelReceived,
     GoodbyeReceived,
@@ -55,11 +56,13 @@ class RequestFailed(ChannelError):
     `message` goes to the client as is: write it for the client, never from exception text.
     """
 
-    def __init__(self, code: ErrorCode, message: str = "", *, retryable: bool = False) -> None:
+    def __init__(self, code: ErrorCode, message: str = "", *, retryable: bool = False,
+                 reason: str | None = None) -> None:
         super().__init__(f"{ErrorCode(code).name}: {message}")
         self.code = ErrorCode(code)
         self.message = message
         self.retryable = retryable
+        self.reason = reason  # ErrorReply.reason (why a session was evicted)
 
 
 class Request:
@@ -127,9 +130,10 @@ class Request:
         """Send a non-final reply of a streaming request (Generate, Chat)."""
         return await self._send(message, False)
 
-    async def fail(self, code: ErrorCode, message: str = "", *, retryable: bool = False) -> bool:
-        """End the request with ErrorReply(code, message). `message` must be safe to show."""
-        return await self._send(ErrorReply(code=code, message=message, retryable=retryable), True)
+    async def fail(self, code: ErrorCode, message: str = "", *, retryable: bool = False,
+                   reason: str | None = None) -> bool:
+        """End the request with ErrorReply(code, message, reason). `message` must be safe to show."""
+        return await self._send(ErrorReply(code=code, message=message, retryable=retryable, reason=reason), True)
 
     async def _stream_from(self, replies: AsyncIterator[Message]) -> None:
         previous: Message | None = None
@@ -157,7 +161,7 @@ class Request:
 RequestHandler = Callable[[Request], "Awaitable[Message | None] | AsyncIterator[Message]"]
 
 
-class ServerConnection:
+class ServerConnection(_DriverConnection):
     """One authenticated client connection, handed to the `serve` handler.
 
     Iterate it for requests (`async for request in conn`), or let `serve_requests(fn)`
@@ -171,31 +175,18 @@ class ServerConnection:
 
     def __init__(self, server: Server, driver: _Driver, protocol: ServerProtocol, remote_address: Any) -> None:
         self.server = server
-        self._driver = driver
         self._protocol = protocol
-        assert protocol.peer is not None and protocol.hello is not None
-        self.peer_public_key: PublicKey = protocol.peer
+        assert protocol.hello is not None
         hello = protocol.hello
         self.hello: Hello = Hello(client=hello.client, capabilities=hello.capabilities, max_frame_bytes=hello.max_frame_bytes)
-        self.pattern = protocol.pattern
-        self.handshake_hash = protocol.handshake_hash
         self.remote_address = remote_address
         self._requests: dict[int, Request] = {}
         self._incoming: asyncio.Queue[Request | None] = asyncio.Queue()
         self._pings: dict[int, tuple[float, asyncio.Future[float]]] = {}
-        driver.on_events = self._on_events
-        driver.on_closed = self._on_closed
+        super().__init__(driver, protocol)
 
     def __repr__(self) -> str:
         return f"<tether ServerConnection client={self.peer_public_key.fingerprint} from {self.remote_address}>"
-
-    @property
-    def closed(self) -> bool:
-        return self._driver.closed.is_set()
-
-    @property
-    def close_code(self) -> int | None:
-        return self._driver.close_code
 
     def _on_events(self, events: list[Any]) -> None:
         for event in events:
@@ -297,7 +288,7 @@ class ServerConnection:
             if not request.cancelled and not self.closed:
                 await _quiet(request.fail(ErrorCode.CANCELLED, "cancelled by the server"))
         except RequestFailed as exc:
-            await _quiet(request.fail(exc.code, exc.message, retryable=exc.retryable))
+            await _quiet(request.fail(exc.code, exc.message, retryable=exc.retryable, reason=exc.reason))
         except (PeerClosed, ConnectionClosed):
             pass
         except Exception:
@@ -308,12 +299,27 @@ class ServerConnection:
                 semaphore.release()
 
     async def ping(self, *, timeout: float | None = 10.0) -> float:
-        """Round-trip time of an encrypted Ping/Pong, in seconds."""
+        """Round-trip time of an encrypted Ping/Pong, in seconds.
+
+        Raises:
+            PeerClosed, KeepaliveTimeout, ProtocolError...: the connection is closed, or
+                closed while waiting.
+            UsageError: the connection is not open.
+            TimeoutError: no Pong within `timeout` seconds (the connection stays open).
+        """
+        if self.closed:
+            assert self._driver.close_exc is not None
+            raise self._driver.close_exc
         ping_id = self._protocol.send_ping()
         future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
         self._pings[ping_id] = (time.monotonic(), future)
-        await self._driver.flush()
-        return await asyncio.wait_for(future, timeout)
+        try:
+            await self._driver.flush_checked()
+            return await asyncio.wait_for(future, timeout)
+        finally:
+            self._pings.pop(ping_id, None)
+            if future.done() and not future.cancelled():
+                future.exception()  # retrieved here, so asyncio never warns about it
 
     async def close(self, code: int = CloseCode.NORMAL) -> None:
         """Close gracefully (Goodbye, then the websocket close)."""
@@ -368,7 +374,9 @@ class Server:
         self.admission = admission
         self._rate = RateLimiter(admission.requests_per_second, admission.burst)
         self._sockets = 0  # websockets open now, handshakes included
-        self._per_client: dict[bytes, int] = {}  # authenticated connections per client key
+        self._per_client: dict[bytes, int] = {}  # admitted connections per client key
+        # IK timestamps per client key; with an allowlist it holds at most its keys.
+        self._replay_guard = ReplayGuard()
         self._rekey = rekey
         self._link = link
         self._patterns = patterns
@@ -416,6 +424,21 @@ class Server:
             self._sockets -= 1
 
     async def _serve_socket(self, ws: WsServerConnection, describe: str, remote: Any) -> None:
+        admitted: list[bytes] = []  # the client key, once this connection counts toward its limit
+
+        def admit(peer: PublicKey) -> None:
+            # Runs when the client's Hello arrives: only a client that proved it holds the
+            # session keys is counted (a replayed IK message 1 never gets this far).
+            held = self._per_client.get(peer.raw, 0)
+            limit = self.admission.max_connections_per_client
+            if held >= limit:
+                self.busy += 1
+                raise TooManyConnections(
+                    f"client {peer.fingerprint} already holds its maximum of {limit} connections", limit=limit
+                )
+            self._per_client[peer.raw] = held + 1
+            admitted.append(peer.raw)
+
         protocol = ServerProtocol(
             self.server_keys,
             allowlist=self.allowlist,
@@ -430,30 +453,24 @@ class Server:
             keepalive_timeout=self._keepalive_timeout,
             handshake_timeout=self._handshake_timeout,
             padding_block=self._padding_block,
+            replay_guard=self._replay_guard,
+            admit=admit,
         )
         shapers = self._link.shapers(client_side=False) if self._link is not None else (None, None)
         driver = _Driver(ws, protocol, shapers=shapers, describe=describe)
         try:
-            if not await self._handshake(driver, protocol):
-                self.refused += 1
-                return
-            assert protocol.peer is not None
-            driver.describe = f"{describe} ({protocol.peer.fingerprint})"
-            client = protocol.peer.raw
-            held = self._per_client.get(client, 0)
-            if held >= self.admission.max_connections_per_client:
-                self.busy += 1
-                limit = self.admission.max_connections_per_client
-                await driver.abort(TooManyConnections(f"client already holds its maximum of {limit} connections",
-                                                      limit=limit))
-                return
-            self._per_client[client] = held + 1
             try:
+                if not await self._handshake(driver, protocol):
+                    self.refused += 1
+                    return
+                assert protocol.peer is not None
+                driver.describe = f"{describe} ({protocol.peer.fingerprint})"
                 await self._run_connection(driver, protocol, remote)
             finally:
-                left = self._per_client.pop(client) - 1
-                if left:
-                    self._per_client[client] = left
+                for client in admitted:
+                    left = self._per_client.pop(client) - 1
+                    if left:
+                        self._per_client[client] = left
         except asyncio.CancelledError:
             raise
         except Exception:  # last line of defence: nothing escapes into websockets' server loop

@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any
 
 import tether
 from tether.protocol._errors import (
@@ -24,16 +23,19 @@ from tether.protocol._errors import (
     ChannelError,
     CloseCode,
     HandshakeError,
+    HandshakeReplayed,
     HandshakeTimeout,
     KeepaliveTimeout,
     PeerClosed,
+    ProtocolError,
+    TooManyConnections,
     UnexpectedMessage,
     UnknownClientKey,
     UsageError,
     VersionMismatch,
 )
 from tether.protocol._frames import FLAG_END, EncodedFrame, Frame, encode_frame
-from tether.protocol._handshake import Flow, HandshakeResult, client_handshake, server_handshake
+from tether.protocol._handshake import HELLO_LIMITS, Flow, HandshakeResult, client_handshake, server_handshake
 from tether.protocol._keys import Allowlist, KeyPair, PublicKey
 from tether.protocol._limits import Limits, RekeyPolicy
 from tether.protocol._messages import (
@@ -48,6 +50,7 @@ from tether.protocol._messages import (
     Pong,
     Welcome,
 )
+from tether.protocol._replay import ReplayGuard
 from tether.protocol._transport import Transport
 
 __all__ = [
@@ -245,6 +248,34 @@ class _ProtocolBase:
         events, self._events = self._events, []
         return events
 
+    def open_record(self, data: bytes | bytearray | memoryview) -> Frame | None:
+        """Decrypt and decode one transport message, changing nothing but the receive cipher.
+
+        For adapters that handle large messages off the event loop: run this in a worker
+        thread, then pass its result to `receive_opened` on the loop (in arrival order, one
+        message at a time). Only the receiving half of the transport is touched, so the loop
+        may keep sending meanwhile.
+
+        Raises:
+            ChannelError: the message is unacceptable; pass it to `fail()`.
+            UsageError: the connection is not past its handshake.
+        """
+        if self.transport is None or self.state is State.HANDSHAKE:
+            raise UsageError("open_record() is for transport messages after the handshake")
+        return self.transport.open(data)
+
+    def receive_opened(self, frame: Frame | None) -> list[Event]:
+        """Handle a message `open_record` returned; like `receive_data` from there on."""
+        if self.state is State.CLOSED:
+            return []
+        try:
+            self._receive_decoded(frame)
+        except ChannelError as exc:
+            self._fail(exc)
+            raise
+        events, self._events = self._events, []
+        return events
+
     def _advance_flow(self, data: bytes | None) -> None:
         assert self._flow is not None
         try:
@@ -396,8 +427,9 @@ class ClientProtocol(_ProtocolBase):
     Args:
         keys: the client's static key pair.
         server_key: the pinned server public key (the handshake fails on any other).
-        pattern: "IK" (1 round trip, needs the pinned key) or "XX".
-        token: optional bearer token, sent encrypted in the Hello.
+        pattern: "IK" (needs the pinned key; message 1 carries a replay-checked timestamp) or "XX".
+        token: optional bearer token, sent in the Hello (the first transport record:
+            forward secret in both patterns).
         capabilities: strings the client announces.
         limits, rekey, keepalive_interval, keepalive_timeout, handshake_timeout,
         padding_block: see `connect`.
@@ -439,13 +471,13 @@ class ClientProtocol(_ProtocolBase):
         self._pending: dict[int, _Pending] = {}
         self._next_request_id = 1
         self.peer_max_in_flight = 0
-        hello = Hello(
+        self._hello = Hello(
             client=f"tether/{tether.__version__}",
             capabilities=tuple(capabilities),
             token=token,
             max_frame_bytes=self.limits.max_frame_bytes,
         )
-        self._flow = flow or client_handshake(keys, server_key, hello, pattern=pattern)
+        self._flow = flow or client_handshake(keys, server_key, pattern=pattern)
         try:
             self._advance_flow(None)
         except ChannelError as exc:
@@ -456,6 +488,9 @@ class ClientProtocol(_ProtocolBase):
         self.transport = Transport(result.send, result.receive, limits=self.limits, rekey=self.rekey_policy)
         self.peer = result.peer
         self.handshake_hash = result.handshake_hash
+        # The Hello is the first transport record: forward secret, and the proof of liveness
+        # the server waits for before it counts or admits the connection.
+        self._send_control(self._hello)
         # Still HANDSHAKE: the server's verdict (Welcome, or Goodbye with a reason) comes next.
 
     def _receive_goodbye(self, message: Goodbye) -> None:
@@ -533,7 +568,7 @@ class ClientProtocol(_ProtocolBase):
 def _refusal(code: int, own_key: PublicKey) -> ChannelError:
     """The error a client raises when the server refuses it with `code` (Goodbye or close)."""
     if code == CloseCode.UNKNOWN_CLIENT_KEY:
-        return UnknownClientKey(own_key.fingerprint)
+        return UnknownClientKey(own_key.fingerprint, public_key=own_key.to_text())
     if code == CloseCode.BAD_TOKEN:
         return BadToken("the server refused the bearer token")
     if code == CloseCode.AUTHENTICATION_FAILED:
@@ -544,6 +579,13 @@ def _refusal(code: int, own_key: PublicKey) -> ChannelError:
         return HandshakeTimeout("the server timed out the handshake")
     if code == CloseCode.HANDSHAKE_FAILED:
         return HandshakeError("the server rejected the handshake")
+    if code == CloseCode.HANDSHAKE_REPLAYED:
+        return HandshakeReplayed("the server has seen a newer handshake from this client key")
+    if code == CloseCode.TOO_MANY_CONNECTIONS:
+        return TooManyConnections(
+            f"client key {own_key.fingerprint} already holds the server's maximum of connections per client "
+            "(max_connections_per_client): close one of them, or ask the operator to raise the limit"
+        )
     return PeerClosed(code, _close_name(code))
 
 
@@ -556,8 +598,18 @@ class ServerProtocol(_ProtocolBase):
         token: the bearer token clients must send, or None.
         patterns: handshake patterns offered.
         server_name, capabilities, models: announced in the Welcome.
+        replay_guard: the IK timestamps seen, shared by all connections of a server
+            (`serve` passes one); None skips the replay check.
+        admit: called with the client's key once its Hello has arrived (the client proved
+            it holds the session keys) and passed the allowlist and token, before the
+            Welcome; it may raise an `AdmissionRefused` to refuse (e.g. TooManyConnections),
+            which closes with that error's code after an encrypted Goodbye.
         limits, rekey, keepalive_interval, keepalive_timeout, handshake_timeout,
         padding_block, clock: see `serve`.
+
+    Order of admission: the Noise handshake (IK: the timestamp must be newer than the
+    last one from that key, else HandshakeReplayed before any answer), then the client's
+    first transport record, which must be its Hello: allowlist, token, `admit`, Welcome.
     """
 
     role = "server"
@@ -579,6 +631,8 @@ class ServerProtocol(_ProtocolBase):
         handshake_timeout: float = 10.0,
         padding_block: int = 0,
         clock: Callable[[], float] = time.monotonic,
+        replay_guard: ReplayGuard | None = None,
+        admit: Callable[[PublicKey], None] | None = None,
     ) -> None:
         super().__init__(
             limits=limits,
@@ -591,6 +645,8 @@ class ServerProtocol(_ProtocolBase):
         )
         self.keys = keys
         self.allowlist = allowlist
+        self._replay_guard = replay_guard
+        self._admit = admit
         self._token = token
         self._token_digest = hashlib.sha256(token.encode("utf-8")).digest() if token is not None else b""
         self.server_name = server_name or f"tether/{tether.__version__}"
@@ -601,24 +657,53 @@ class ServerProtocol(_ProtocolBase):
         self.draining = False
         self._active: dict[int, type[Message]] = {}
         self._last_request_id = 0
-        self._flow = server_handshake(keys, limits=self.limits, patterns=patterns)
+        self._flow = server_handshake(keys, patterns=patterns, check_initiator=self._check_initiator)
         next(self._flow)  # run to the first "need data"
+
+    def _check_initiator(self, peer: PublicKey, timestamp: bytes) -> None:
+        """IK message 1 authenticated: refuse a replay before answering it."""
+        if self._replay_guard is None:
+            return
+        # Only keys the allowlist admits are remembered, which bounds the table by the
+        # allowlist; any other key is refused after its Hello anyway.
+        if self.allowlist is not None and peer not in self.allowlist:
+            return
+        self._replay_guard.check(peer, timestamp)
 
     def _handshake_done(self, result: HandshakeResult) -> None:
         self.transport = Transport(result.send, result.receive, limits=self.limits, rekey=self.rekey_policy)
         self.peer = result.peer
         self.handshake_hash = result.handshake_hash
         self.pattern = result.pattern
-        hello = result.hello
-        assert hello is not None
+        # Still HANDSHAKE: nothing is decided until the client's first transport record.
+
+    def _receive_record(self, data: bytes | bytearray | memoryview) -> None:
+        if self.state is not State.HANDSHAKE:
+            super()._receive_record(data)
+            return
+        assert self.transport is not None
+        try:
+            frame = self.transport.open(data, HELLO_LIMITS)
+        except ProtocolError as exc:
+            raise HandshakeError(f"the client's first record is not a valid Hello: {exc}") from exc
+        if frame is None or not isinstance(frame.message, Hello) or frame.request_id or frame.flags:
+            raise HandshakeError("the client's first record must be a Hello (request id 0, flags 0)")
+        self._admit_hello(frame.message)
+
+    def _admit_hello(self, hello: Hello) -> None:
+        """The client is live (it encrypted to this handshake's keys): admit it or refuse."""
+        peer = self.peer
+        assert peer is not None
         self.hello = hello
-        if self.allowlist is not None and result.peer not in self.allowlist:
-            raise UnknownClientKey(result.peer.fingerprint)
+        if self.allowlist is not None and peer not in self.allowlist:
+            raise UnknownClientKey(peer.fingerprint)
         if self._token is not None:
             # Compare digests, so neither the token's content nor its length leaks by timing.
             offered = hashlib.sha256((hello.token or "").encode("utf-8")).digest()
             if not hmac.compare_digest(offered, self._token_digest):
-                raise BadToken(f"client {result.peer.fingerprint} sent a missing or wrong bearer token")
+                raise BadToken(f"client {peer.fingerprint} sent a missing or wrong bearer token")
+        if self._admit is not None:
+            self._admit(peer)
         self.peer_max_frame_bytes = hello.max_frame_bytes
         limits = self.limits
         self._send_control(
@@ -635,7 +720,7 @@ class ServerProtocol(_ProtocolBase):
         )
         self._set_state(State.OPEN)
         self._last_received = self.clock()
-        self._emit(HandshakeComplete(result.peer, result.pattern, result.handshake_hash, hello=hello))
+        self._emit(HandshakeComplete(peer, self.pattern, self.handshake_hash, hello=hello))
 
     def _receive_frame(self, message: Message, request_id: int, flags: int) -> None:
         if isinstance(message, Cancel):

@@ -1,14 +1,18 @@
 """Transport records: encrypted frames with explicit counters, strict ordering and rekey.
 
 What belongs here: turning a frame into one websocket message and back after the
-handshake. A record is
+handshake. The message is one or more records back to back; a record is
 
-    u64 counter | u32 ciphertext_length | ciphertext (frame encrypted, + 16-byte tag)
+    u64 counter | u32 ciphertext_length | ciphertext (a chunk of the frame, encrypted, + 16-byte tag)
 
-The counter is the sender's CipherState nonce, sent in the clear so the receiver can say
-*why* a record is unacceptable (replayed, reordered, truncated) instead of only "it did not
-authenticate"; the AEAD still authenticates everything (a forged counter is a wrong nonce).
-Encryption uses empty associated data, exactly Noise's transport messages.
+Each ciphertext is exactly a Noise transport message (empty associated data, at most 65,535
+bytes), so any Noise library can decrypt it with its public API. A frame is cut into chunks
+of MAX_CHUNK = 65,519 bytes, the last one shorter: every record but the last is full, so the
+record count follows from the message length (a 32 MiB frame is 513 records, not a million
+tiny ones). The counter is the sender's CipherState nonce, sent in the clear so the receiver
+can say *why* a record is unacceptable (replayed, reordered, truncated) instead of only "it
+did not authenticate"; the AEAD still authenticates everything (a forged counter is a wrong
+nonce), and the frame header inside the first chunk declares the frame's exact length.
 """
 
 from __future__ import annotations
@@ -29,12 +33,25 @@ from tether.protocol._errors import (
 from tether.protocol._frames import HEADER, EncodedFrame, Frame, decode_frame, encode_frame
 from tether.protocol._limits import Limits, RekeyPolicy
 from tether.protocol._messages import Rekey
+from tether.protocol._noise import MAX_MESSAGE_LEN
 
-__all__ = ["RECORD_HEADER", "RECORD_OVERHEAD", "Transport"]
+__all__ = ["MAX_CHUNK", "RECORD_HEADER", "RECORD_OVERHEAD", "Transport", "message_size"]
 
 RECORD_HEADER = struct.Struct("<QI")
-RECORD_OVERHEAD = RECORD_HEADER.size + TAG_LEN  # 28 bytes around each frame
+RECORD_OVERHEAD = RECORD_HEADER.size + TAG_LEN  # 28 bytes around each chunk
+MAX_CHUNK = MAX_MESSAGE_LEN - TAG_LEN  # 65,519 plaintext bytes per record
+_FULL_RECORD = RECORD_HEADER.size + MAX_MESSAGE_LEN  # 65,547 bytes
 MIN_CIPHERTEXT = HEADER.size + TAG_LEN
+
+
+def record_count(frame_size: int) -> int:
+    """Records a frame of `frame_size` bytes takes."""
+    return max(1, -(-frame_size // MAX_CHUNK))
+
+
+def message_size(frame_size: int) -> int:
+    """Bytes of the websocket message carrying a frame of `frame_size` bytes."""
+    return frame_size + RECORD_OVERHEAD * record_count(frame_size)
 
 
 class Transport:
@@ -68,21 +85,38 @@ class Transport:
         return self._receive.n
 
     def seal_encoded(self, frame: EncodedFrame) -> bytearray:
-        """One record for an encoded frame: copy it in once, encrypt in place."""
+        """One websocket message for an encoded frame: its records, encrypted in place.
+
+        A frame that fits one record is copied in once and encrypted where it lies; a larger
+        one is laid out once, then each chunk is encrypted into its record.
+        """
         size = frame.size
-        record = bytearray(RECORD_HEADER.size + size + TAG_LEN)
-        view = memoryview(record)
-        RECORD_HEADER.pack_into(record, 0, self._send.n, size + TAG_LEN)
-        body = view[RECORD_HEADER.size :]
-        frame.write_into(body[:size])
-        self._send.encrypt_into(body[:size], body)
-        self.records_sent += 1
-        return record
+        count = record_count(size)
+        message = bytearray(size + RECORD_OVERHEAD * count)
+        out = memoryview(message)
+        if count == 1:
+            RECORD_HEADER.pack_into(message, 0, self._send.n, size + TAG_LEN)
+            body = out[RECORD_HEADER.size :]
+            frame.write_into(body[:size])
+            self._send.encrypt_into(body[:size], body)
+        else:
+            plain = bytearray(size)
+            frame.write_into(memoryview(plain))
+            source = memoryview(plain)
+            for index in range(count):
+                chunk = source[index * MAX_CHUNK : (index + 1) * MAX_CHUNK]
+                pos = index * _FULL_RECORD
+                RECORD_HEADER.pack_into(message, pos, self._send.n, len(chunk) + TAG_LEN)
+                start = pos + RECORD_HEADER.size
+                self._send.encrypt_into(chunk, out[start : start + len(chunk) + TAG_LEN])
+        self.records_sent += count
+        return message
 
     def seal(self, encoded: EncodedFrame) -> list[bytearray]:
-        """Records for one encoded frame: the frame, then a Rekey record when the policy says so."""
+        """Websocket messages for one encoded frame: the frame's records, then a Rekey frame
+        when the policy says so."""
         records = [self.seal_encoded(encoded)]
-        self._sent_since_rekey += 1
+        self._sent_since_rekey += record_count(encoded.size)
         self._bytes_since_rekey += encoded.size
         policy = self.rekey_policy
         if self._sent_since_rekey >= policy.messages or self._bytes_since_rekey >= policy.bytes:
@@ -94,48 +128,68 @@ class Transport:
         return records
 
     def seal_plaintext(self, plaintext: bytes) -> bytearray:
-        """A record around arbitrary plaintext (tests and fuzzing only)."""
+        """The records around arbitrary plaintext, as one message (tests and fuzzing only)."""
         return self.seal_encoded(EncodedFrame(bytes(plaintext), (), len(plaintext)))
 
-    def open(self, record: bytes | bytearray | memoryview) -> Frame | None:
-        """Check, decrypt and decode one record. Returns None for a Rekey record (handled here).
+    def open(self, message: bytes | bytearray | memoryview, limits: Limits | None = None) -> Frame | None:
+        """Check, decrypt and decode one websocket message. Returns None for a Rekey frame
+        (handled here).
 
-        Every check on the clear header (size limit, counter, declared length) happens before
-        the plaintext buffer is allocated.
+        Every check on the clear headers (size limit, counters, declared lengths) happens
+        before the plaintext buffer is allocated.
+
+        Args:
+            message: the websocket message (one frame's records).
+            limits: limits to decode with instead of this transport's (the Hello's).
 
         Raises:
             FrameTruncated, FrameReplayed, FrameReordered, FrameTampered, FrameTooLarge,
             and the frame decoding errors of `decode_frame`. After any of them the
             connection must be closed: the receive state is no longer trustworthy.
         """
-        view = memoryview(record)
+        limits = limits or self.limits
+        view = memoryview(message)
         size = len(view)
         if size < RECORD_HEADER.size:
             raise FrameTruncated(size, RECORD_HEADER.size)
-        counter, length = RECORD_HEADER.unpack_from(view, 0)
-        if length > self.limits.max_frame_bytes + TAG_LEN:
-            raise FrameTooLarge(length - TAG_LEN, self.limits.max_frame_bytes)
+        count = -(-size // _FULL_RECORD)
+        frame_size = size - RECORD_OVERHEAD * count
+        if frame_size > limits.max_frame_bytes:
+            raise FrameTooLarge(frame_size, limits.max_frame_bytes)
         expected = self._receive.n
-        if counter < expected:
-            raise FrameReplayed(counter, expected)
-        if counter > expected:
-            raise FrameReordered(counter, expected)
-        actual = size - RECORD_HEADER.size
-        if actual < length:
-            raise FrameTruncated(size, RECORD_HEADER.size + length)
-        if actual > length:
-            raise ProtocolError(f"record of {size} bytes is longer than its declared {RECORD_HEADER.size + length}")
-        if length < MIN_CIPHERTEXT:
-            raise ProtocolError(f"record declares {length} bytes, less than the minimum {MIN_CIPHERTEXT}")
-        if counter >= MAX_NONCE:
+        if expected + count > MAX_NONCE:
             raise ProtocolError("record counter exhausted the nonce space")
-        plaintext = np.empty(length - TAG_LEN, dtype=np.uint8)  # fully overwritten; decoded tensors view it
-        try:
-            self._receive.decrypt_into(view[RECORD_HEADER.size :], plaintext)
-        except InvalidTag:
-            raise FrameTampered(f"record {counter} failed authentication") from None
-        self.records_received += 1
-        frame = decode_frame(plaintext, self.limits)
+        for index in range(count):
+            pos = index * _FULL_RECORD
+            left = size - pos
+            if left < RECORD_HEADER.size:
+                raise FrameTruncated(size, pos + RECORD_HEADER.size)
+            counter, length = RECORD_HEADER.unpack_from(view, pos)
+            if counter < expected + index:
+                raise FrameReplayed(counter, expected + index)
+            if counter > expected + index:
+                raise FrameReordered(counter, expected + index)
+            actual = min(left, _FULL_RECORD) - RECORD_HEADER.size
+            if length > actual:
+                raise FrameTruncated(size, pos + RECORD_HEADER.size + length)
+            if length < actual:
+                raise ProtocolError(f"record {counter} declares {length} bytes but {actual} follow")
+            if length <= TAG_LEN:
+                raise ProtocolError(f"record {counter} carries no data")
+        if frame_size < HEADER.size:
+            raise ProtocolError(f"record declares {frame_size + TAG_LEN} bytes, less than the minimum {MIN_CIPHERTEXT}")
+        plaintext = np.empty(frame_size, dtype=np.uint8)  # fully overwritten; decoded tensors view it
+        out = memoryview(plaintext)
+        for index in range(count):
+            pos = index * _FULL_RECORD + RECORD_HEADER.size
+            start = index * MAX_CHUNK
+            chunk = min(MAX_CHUNK, frame_size - start)
+            try:
+                self._receive.decrypt_into(view[pos : pos + chunk + TAG_LEN], out[start : start + chunk])
+            except InvalidTag:
+                raise FrameTampered(f"record {expected + index} failed authentication") from None
+        self.records_received += count
+        frame = decode_frame(plaintext, limits)
         if isinstance(frame.message, Rekey):
             if frame.request_id or frame.flags:
                 raise ProtocolError("Rekey frames carry no request id or flags")

@@ -16,8 +16,9 @@ from tether.routing._calibration import (
     threshold_for_quality,
 )
 from tether.routing._classifier import Classifier, FitOptions
-from tether.routing._embed import MiniLMEmbedder
-from tether.routing._options import RoutingOptions
+from tether.routing._data import build_queries, edge_answer_positions, prompt_ids, read_records, score_records
+from tether.routing._embed import MiniLMEmbedder, default_embedder
+from tether.routing._options import BUILTIN_QUERY_ROUTERS, RoutingOptions
 from tether.routing._query import (
     QUERY_FEATURES,
     LearnedQueryRouter,
@@ -28,6 +29,7 @@ from tether.routing._query import (
 )
 from tether.routing._signals import SIGNALS, EdgeProbe, TokenSignals, probe_query, token_signals
 from tether.routing._token import (
+    BUILTIN_TOKEN_ROUTERS,
     TOKEN_FEATURES,
     ConfidenceTokenRouter,
     LearnedTokenRouter,
@@ -37,6 +39,8 @@ from tether.routing._token import (
 )
 
 __all__ = [
+    "BUILTIN_QUERY_ROUTERS",
+    "BUILTIN_TOKEN_ROUTERS",
     "QUERY_FEATURES",
     "SIGNALS",
     "TOKEN_FEATURES",
@@ -59,11 +63,17 @@ __all__ = [
     "SignalRouter",
     "TokenRouter",
     "TokenSignals",
+    "build_queries",
     "calibrate_cloud_fraction",
     "calibrate_quality",
     "cloud_fraction",
+    "default_embedder",
+    "edge_answer_positions",
     "load_router",
     "probe_query",
+    "prompt_ids",
+    "read_records",
+    "score_records",
     "threshold_for_cloud_fraction",
     "threshold_for_quality",
     "token_signals",

@@ -102,20 +102,30 @@ class Router(abc.ABC):
             s = np.quantile(s, np.linspace(0.0, 1.0, 1001))
         self.calibration_scores = s
 
+    def builtin_scores(self) -> npt.NDArray[np.float64] | None:
+        """Shipped calibration scores of this router (training-free routers); None otherwise."""
+        return None
+
     def threshold_for_fraction(self, fraction: float) -> float:
         """The threshold sending `fraction` of the calibration traffic to the cloud.
 
+        The traffic is the router's own calibration scores, else its shipped ones
+        (`builtin_scores`). Fraction 0 gives -inf (nothing goes to the cloud), 1 gives +inf.
+
         Raises:
-            ConfigurationError: the router was never calibrated on traffic.
+            ConfigurationError: the router was never calibrated on traffic and ships no scores.
         """
-        if self.calibration_scores is None or self.calibration_scores.size == 0:
+        scores = self.calibration_scores
+        if scores is None or scores.size == 0:
+            scores = self.builtin_scores()
+        if scores is None or scores.size == 0:
             raise ConfigurationError(
                 f"router {self.kind!r} holds no calibration scores; run `tether router calibrate` "
                 "or calibrate_cloud_fraction() on representative prompts first"
             )
         from tether.routing._calibration import threshold_for_cloud_fraction
 
-        return threshold_for_cloud_fraction(self.calibration_scores, fraction)
+        return threshold_for_cloud_fraction(scores, fraction)
 
     # -- serialisation --------------------------------------------------------------------
 

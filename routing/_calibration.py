@@ -13,13 +13,22 @@ on new traffic from the same distribution the realised fraction is within sampli
 Quality target: on labelled data with the quality of the edge's and the cloud's answer to
 each input, send inputs to the cloud hardest-first (lowest score first) and pick the
 smallest cloud fraction whose mean quality reaches the target.
+
+Built-in scores: ``calibration.json`` (package data, written by
+``benchmarks/lab/router_calibration.py``) holds the score distribution of every
+training-free router on Tether's own task bank, measured with the default edge model, so a
+cloud fraction works out of the box (`builtin_scores`).
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib import resources
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -158,3 +167,37 @@ def calibrate_quality(router: Router, scores: ArrayLike, edge_quality: ArrayLike
                          expected_cloud_fraction=cal.cloud_fraction, expected_quality=cal.quality,
                          reached=cal.reached, n=int(np.asarray(scores).size))
     return cal
+
+
+#: The package-data file of built-in calibration scores (see the module docstring).
+BUILTIN_CALIBRATION_FILE = "calibration.json"
+
+
+@functools.lru_cache(maxsize=1)
+def _builtin_document() -> dict[str, Any]:
+    text = resources.files("tether.routing").joinpath(BUILTIN_CALIBRATION_FILE).read_text(encoding="utf-8")
+    doc: dict[str, Any] = json.loads(text)
+    if doc.get("format") != "tether-router-calibration":
+        raise ValueError(f"{BUILTIN_CALIBRATION_FILE} is not a Tether router calibration file")
+    return doc
+
+
+def builtin_scores(level: str, name: str) -> npt.NDArray[np.float64] | None:
+    """The shipped calibration scores of a training-free router, sorted; None if none ship.
+
+    Args:
+        level: ``"query"`` (names are `SIGNALS`) or ``"token"`` (``"confidence"``, ``"margin"``).
+        name: the router's signal or kind.
+
+    Returns:
+        Sorted quantiles of the router's scores on the task bank, measured with the default
+        edge model (``calibration.json``'s ``edge_model``; another edge model shifts them).
+    """
+    table = _builtin_document().get(level, {})
+    scores = table.get(name)
+    return None if scores is None else np.sort(np.asarray(scores, dtype=np.float64))
+
+
+def builtin_query_draft_tokens() -> int:
+    """The draft length the shipped query scores were measured with (signals depend on it)."""
+    return int(_builtin_document()["query_draft_tokens"])

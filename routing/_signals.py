@@ -1,8 +1,8 @@
 """What routers read from the edge model: hidden states, token signals, query probes.
 
-What belongs here: one forward that returns logits *and* last-layer hidden states
-(`forward_with_hidden`), per-token signals (log-prob, entropy, margin), and `EdgeProbe`,
+What belongs here: per-token signals (log-prob, entropy, margin), and `EdgeProbe`,
 the edge model's view of a query (prompt log-probs, a short greedy draft, hidden states).
+The forward that yields hidden states is the runtime's (`tether.runtime.forward_with_hidden`).
 What does not: the routers that turn these into scores (`_query.py`, `_token.py`).
 
 Shapes: logits [n, vocab] float32, hidden [n, hidden_size] float32. The hidden state is
@@ -20,23 +20,9 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from tether.runtime import CausalLM, KVState, LayerwiseLM
+from tether.runtime import CausalLM, KVState, forward_with_hidden, greedy_decode
 
 FloatArray = npt.NDArray[np.float32]
-
-
-def forward_with_hidden(runtime: CausalLM, state: KVState, token_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Append `token_ids` to `state`; return (logits [n, V], hidden [n, H] or None).
-
-    Layerwise runtimes (the torch backend) give hidden states from the same forward pass;
-    others (ONNX) give None, so routers that need hidden states cannot run on them.
-    """
-    if isinstance(runtime, LayerwiseLM):
-        hidden = runtime.run_layers(state, runtime.embed(token_ids), 0, runtime.info.num_layers)
-        logits = runtime.head(hidden)
-        assert logits.shape == (len(token_ids), runtime.info.vocab_size)
-        return logits, hidden.float().cpu()
-    return runtime.extend(state, token_ids), None
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,23 +170,27 @@ def probe_query(runtime: CausalLM, prompt_ids: Sequence[int], draft_tokens: int 
                 eos_ids: Sequence[int] = ()) -> tuple[EdgeProbe, KVState, torch.Tensor]:
     """Prefill the prompt and draft up to `draft_tokens` greedy tokens on the edge.
 
+    The draft is decoded by the runtime's batched greedy decoder (one sequence); it ends
+    early at an end-of-sequence id, which it then includes.
+
+    Args:
+        runtime: the edge model.
+        prompt_ids: the prompt (at least one token).
+        draft_tokens: the most draft tokens.
+        eos_ids: ids that end the draft.
+
     Returns:
-        (probe, state, next_logits): the state holds prompt + draft (minus nothing: every
-        draft token has been run except the last, whose logits are `next_logits`' source),
-        so an edge answer can continue from it. Concretely the state holds
-        ``prompt + draft[:-1]`` and `next_logits` [V] predicts the token after ``draft``
-        only once the last draft token is appended: callers append ``draft[-1]`` next.
+        (probe, state, last_logits): the state holds ``prompt + draft[:-1]`` (the last draft
+        token is not run), so an edge answer continues from it by appending ``draft[-1]``;
+        `last_logits` [V] is the distribution after the state's last position, the one
+        ``draft[-1]`` was chosen from. The caller owns (and releases) the state.
     """
     state = runtime.new_state()
-    logits, hidden = forward_with_hidden(runtime, state, prompt_ids)
-    rows = [logits[-1]]
-    draft: list[int] = []
-    eos = set(eos_ids)
-    while len(draft) < draft_tokens:
-        tok = int(rows[-1].argmax())
-        draft.append(tok)
-        if tok in eos or len(draft) == draft_tokens:
-            break
-        rows.append(runtime.extend(state, [tok])[-1])
-    probe = probe_from_forward(prompt_ids, logits, hidden, draft, torch.stack(rows[: len(draft)]))
-    return probe, state, rows[-1]
+    logits, hidden = forward_with_hidden(runtime, state, prompt_ids)  # [n, V], [n, H] or None
+    (d,) = greedy_decode(runtime, [state], [logits[-1]], max_new_tokens=draft_tokens, stop_ids=eos_ids,
+                         keep_logits=draft_tokens)
+    assert d.logits is not None  # [len(draft), V]
+    # The draft ends with the end-of-sequence token when one was chosen (the probe reads its q).
+    draft = list(d.token_ids) + ([d.stop_id] if d.stop_id is not None else [])
+    probe = probe_from_forward(prompt_ids, logits, hidden, draft, d.logits)
+    return probe, state, d.logits[-1] if draft else logits[-1]

@@ -57,28 +57,36 @@ class TokenRouter(Router):
         return self.decide_score(self.score_token(logits, hidden), threshold)
 
 
-class ConfidenceTokenRouter(TokenRouter):
+class _SignalTokenRouter(TokenRouter):
+    """Training-free: the score is one column of the token signals (top_prob, margin,
+    entropy); its calibration scores ship with the package. Not registered (no `kind`)."""
+
+    _column: ClassVar[int]
+
+    def score_features(self, signals: FloatArray, hidden: FloatArray | None = None) -> npt.NDArray[np.float64]:
+        return np.asarray(signals, dtype=np.float64)[:, self._column]
+
+    def builtin_scores(self) -> npt.NDArray[np.float64] | None:
+        from tether.routing._calibration import builtin_scores
+
+        return builtin_scores("token", self.kind)
+
+    def config(self) -> dict[str, Any]:
+        return {}
+
+
+class ConfidenceTokenRouter(_SignalTokenRouter):
     """Training-free: the edge's probability of its own top token."""
 
     kind: ClassVar[str] = "confidence"
-
-    def score_features(self, signals: FloatArray, hidden: FloatArray | None = None) -> npt.NDArray[np.float64]:
-        return np.asarray(signals, dtype=np.float64)[:, 0]
-
-    def config(self) -> dict[str, Any]:
-        return {}
+    _column: ClassVar[int] = 0
 
 
-class MarginTokenRouter(TokenRouter):
+class MarginTokenRouter(_SignalTokenRouter):
     """Training-free: the gap between the edge's top-1 and top-2 probabilities."""
 
     kind: ClassVar[str] = "margin"
-
-    def score_features(self, signals: FloatArray, hidden: FloatArray | None = None) -> npt.NDArray[np.float64]:
-        return np.asarray(signals, dtype=np.float64)[:, 1]
-
-    def config(self) -> dict[str, Any]:
-        return {}
+    _column: ClassVar[int] = 1
 
 
 class RandomTokenRouter(TokenRouter):
@@ -93,6 +101,10 @@ class RandomTokenRouter(TokenRouter):
 
     def score_features(self, signals: FloatArray, hidden: FloatArray | None = None) -> npt.NDArray[np.float64]:
         return np.array([self._rng.random() for _ in range(len(signals))])
+
+    def builtin_scores(self) -> npt.NDArray[np.float64] | None:
+        """Scores are uniform in [0, 1): their quantiles are known without any traffic."""
+        return np.linspace(0.0, 1.0, 1001)
 
     def config(self) -> dict[str, Any]:
         return {"seed": self.seed}
@@ -152,6 +164,10 @@ class LearnedTokenRouter(TokenRouter):
     @classmethod
     def from_parts(cls, config: Mapping[str, Any], tensors: Mapping[str, npt.NDArray[Any]]) -> LearnedTokenRouter:
         return cls(tuple(config["features"]), Classifier(tensors))
+
+
+#: Training-free token routers by name (`make_token_router`).
+BUILTIN_TOKEN_ROUTERS: tuple[str, ...] = ("confidence", "margin", "random")
 
 
 def make_token_router(name: str, *, seed: int = 0) -> TokenRouter:

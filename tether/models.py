@@ -54,7 +54,7 @@ __all__ = [
     "ResolvedModel",
     "TokenizerCheck",
     "TokenizerComparison",
-    "VerifyResult",
+    "ModelCheck",
     "cache_status",
     "clean",
     "compare_tokenizers",
@@ -355,7 +355,7 @@ def load_hf(
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class VerifyResult:
+class ModelCheck:
     """The outcome of `verify` for one registry model.
 
     Attributes:
@@ -381,7 +381,7 @@ class VerifyResult:
     notes: tuple[str, ...] = ()
 
 
-def verify(name: str, *, progress: bool = True) -> VerifyResult:
+def verify(name: str, *, progress: bool = True) -> ModelCheck:
     """Check a registry model end to end: parts installed, assembled bytes hashed afresh.
 
     Unlike `ensure_gguf`, the cached file is always re-hashed. A cached file with the wrong
@@ -402,7 +402,7 @@ def verify(name: str, *, progress: bool = True) -> VerifyResult:
     try:
         path, notes = _assemble_registry(spec, progress=progress, rehash=True)
     except ModelError as exc:  # not installed, a part missing or of the wrong size, or a mismatch
-        return VerifyResult(
+        return ModelCheck(
             name=spec.name,
             ok=False,
             install_state=state,
@@ -412,7 +412,7 @@ def verify(name: str, *, progress: bool = True) -> VerifyResult:
             gguf_path=None,
             problem=str(exc),
         )
-    return VerifyResult(
+    return ModelCheck(
         name=spec.name,
         ok=True,
         install_state=state,

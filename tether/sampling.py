@@ -24,6 +24,8 @@ from typing import Protocol
 
 import torch
 
+from tether.contract import validate_sampling
+
 __all__ = [
     "SparseDist",
     "WarpSettings",
@@ -60,13 +62,12 @@ def is_greedy(temperature: float) -> bool:
 
 
 def validate_warp(*, temperature: float, top_k: int, top_p: float) -> None:
-    """Raise `ValueError` naming the argument if any warping setting is out of range."""
-    if not temperature >= 0.0 or temperature != temperature or temperature == float("inf"):
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k!r}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {top_p!r}")
+    """Check warping settings with the one rule the edge, the cloud and the wire share.
+
+    Raises:
+        InvalidSampling: a `ValueError` naming the setting (see `tether.contract.validate_sampling`).
+    """
+    validate_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
 
 
 def warp(
@@ -92,7 +93,7 @@ def warp(
         outside the kept set.
 
     Raises:
-        ValueError: a setting is out of range (see `validate_warp`).
+        InvalidSampling: (a `ValueError`) a setting is out of range (see `validate_warp`).
     """
     validate_warp(temperature=temperature, top_k=top_k, top_p=top_p)
     squeeze = logits.dim() == 1

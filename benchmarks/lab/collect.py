@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from tether.routing._signals import EdgeProbe, FloatArray, forward_with_hidden, probe_from_forward, token_signals
-from tether.runtime import CausalLM, LayerwiseLM
+from tether.routing._signals import EdgeProbe, FloatArray, probe_from_forward, token_signals
+from tether.runtime import CausalLM, LayerwiseLM, forward_with_hidden, greedy_decode
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -38,7 +38,7 @@ def greedy_answers(
     probe_tokens: int = 16,
     on_done: Callable[[int, Answer], None] | None = None,
 ) -> list[Answer]:
-    """Greedy-decode every prompt, `batch_size` sequences per ragged forward pass.
+    """Greedy-decode every prompt, `batch_size` sequences per ragged forward pass (`greedy_decode`).
 
     Args:
         runtime: the model.
@@ -48,44 +48,30 @@ def greedy_answers(
         is_done: called with an answer's tokens so far; True stops it (a stop string).
         batch_size: sequences decoded together.
         probe_tokens: how many first answer tokens make the probe's draft.
-        on_done: called with (index, answer) as each answer finishes (for caching).
+        on_done: called with (index, answer) as each batch's answers finish (for caching).
     """
-    eos = set(eos_ids)
-    out: list[Answer | None] = [None] * len(prompts)
+    out: list[Answer] = []
     for start in range(0, len(prompts), batch_size):
-        idx = list(range(start, min(start + batch_size, len(prompts))))
-        states, gen, rows, nxt, pre = {}, {}, {}, {}, {}
-        for i in idx:
-            st = runtime.new_state()
-            logits, hidden = forward_with_hidden(runtime, st, prompts[i])
-            states[i], gen[i], rows[i], nxt[i], pre[i] = st, [], [], logits[-1], (logits, hidden)
-        active = list(idx)
-        while active:
-            feed: list[int] = []
-            for i in active:
-                tok = int(nxt[i].argmax())
-                if len(rows[i]) < probe_tokens:
-                    rows[i].append(nxt[i])
-                if tok in eos:
-                    continue
-                gen[i].append(tok)
-                if len(gen[i]) < max_new_tokens and not is_done(gen[i]):
-                    feed.append(i)
-            finished = [i for i in active if i not in feed]
-            for i in finished:
-                m = min(len(rows[i]), len(gen[i]))
-                draft_logits = torch.stack(rows[i][:m]) if m else torch.zeros(0, 2)
-                probe = probe_from_forward(prompts[i], pre[i][0], pre[i][1], gen[i][:m], draft_logits)
-                out[i] = Answer(token_ids=tuple(gen[i]), probe=probe)
-                runtime.release(states[i])
-                if on_done is not None:
-                    on_done(i, out[i])  # type: ignore[arg-type]
-            active = feed
-            if active:
-                logits = runtime.extend_batch([states[i] for i in active], [[gen[i][-1]] for i in active])
-                for i, lg in zip(active, logits):
-                    nxt[i] = lg[-1]
-    return [a for a in out if a is not None]
+        chunk = prompts[start : start + batch_size]
+        states = [runtime.new_state() for _ in chunk]
+        try:
+            # Prefilled one prompt at a time: the probe reads each prompt's logits and hidden states.
+            pre = [forward_with_hidden(runtime, st, p) for st, p in zip(states, chunk, strict=True)]
+            decoded = greedy_decode(runtime, states, [logits[-1] for logits, _ in pre], max_new_tokens=max_new_tokens,
+                                    stop_ids=eos_ids, is_done=lambda _, ids: is_done(list(ids)),
+                                    keep_logits=probe_tokens)
+        finally:
+            for st in states:
+                runtime.release(st)
+        for j, (p, (logits, hidden), d) in enumerate(zip(chunk, pre, decoded, strict=True)):
+            assert d.logits is not None  # [min(probe_tokens, chosen), V]
+            m = min(probe_tokens, len(d.token_ids))
+            answer = Answer(token_ids=d.token_ids,
+                            probe=probe_from_forward(p, logits, hidden, d.token_ids[:m], d.logits[:m]))
+            out.append(answer)
+            if on_done is not None:
+                on_done(start + j, answer)
+    return out
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

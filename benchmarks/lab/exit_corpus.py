@@ -170,32 +170,19 @@ def self_distilled_corpus(
 ) -> list[list[int]]:
     """The model's own greedy answers to `prompts`, as chat sequences (prompt + answer ids).
 
-    Decodes `batch` prompts at a time in one ragged forward pass per step (`extend_batch`).
+    Decodes `batch` prompts at a time with the runtime's batched decoder
+    (`tether.runtime.greedy_generate`); an answer ended by an end-of-sequence token includes it.
     """
     import torch
 
     from tether.edge._text import build_prompt
+    from tether.runtime import greedy_generate
 
-    eos = set(runtime.info.eos_token_ids) | {getattr(tokenizer, "eos_token_id", None)}
-    out: list[list[int]] = []
+    eos = {int(t) for t in runtime.info.eos_token_ids}
+    tok_eos = getattr(tokenizer, "eos_token_id", None)
+    if isinstance(tok_eos, int):
+        eos.add(tok_eos)
+    ids = [build_prompt(tokenizer, p) for p in prompts]
     with torch.inference_mode():
-        for start in range(0, len(prompts), batch):
-            ids = [build_prompt(tokenizer, p) for p in prompts[start:start + batch]]
-            states = [runtime.new_state() for _ in ids]
-            try:
-                logits = runtime.extend_batch(states, ids)
-                answers: list[list[int]] = [[] for _ in ids]
-                live = list(range(len(ids)))
-                for _ in range(max_new_tokens):
-                    nxt = {i: int(logits[n][-1].argmax()) for n, i in enumerate(live)}
-                    for i, t in nxt.items():
-                        answers[i].append(t)
-                    live = [i for i in live if nxt[i] not in eos]
-                    if not live:
-                        break
-                    logits = runtime.extend_batch([states[i] for i in live], [[nxt[i]] for i in live])
-            finally:
-                for s in states:
-                    runtime.release(s)
-            out.extend(p + a for p, a in zip(ids, answers))
-    return out
+        answers = greedy_generate(runtime, ids, max_new_tokens=max_new_tokens, stop_ids=eos, batch_size=batch)
+    return [p + list(a.token_ids) + ([a.stop_id] if a.stop_id is not None else []) for p, a in zip(ids, answers)]

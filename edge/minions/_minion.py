@@ -10,7 +10,9 @@ asks the local model one question (``{"action": "ask", "question": ...}``) or an
 conversation with the remote. After `max_rounds` questions the remote must answer.
 
 What leaves the device: the task, the remote's own previous replies, and the edge model's
-answers (at most ``edge_max_tokens`` tokens each). Never the documents.
+answers (at most ``edge_max_tokens`` tokens each, through the verbatim filter: no run of more
+than ``max_verbatim_chars`` document characters). Never the documents. docs/minions.md has
+the field-by-field list.
 """
 
 from __future__ import annotations
@@ -43,9 +45,9 @@ CLOUD_SYSTEM = (
 )
 
 EDGE_SYSTEM = (
-    "You answer questions about the documents below using only what they say. Answer in one or two "
-    "sentences and quote the exact figures or words you rely on. If the documents do not say, reply that "
-    "they do not."
+    "You answer questions about the documents below using only what they say. Answer in one or two short "
+    "sentences of your own, giving the exact figures or names you rely on; do not copy whole sentences. "
+    "If the documents do not say, reply that they do not."
 )
 
 
@@ -117,12 +119,10 @@ def minion_flow(
             "use mode='minions', which reads them chunk by chunk"
         )
     lim = options.limits
-    session = Session(
-        mode="minion",
-        messages=[{"role": "system", "content": CLOUD_SYSTEM},
-                  {"role": "user", "content": _task_message(task, max_rounds)}],
-        options=options,
-        cost=CostReport(whole_document_tokens=whole_document_tokens, pricing=options.pricing),
+    session = Session.start(
+        "minion", documents, options,
+        CostReport(whole_document_tokens=whole_document_tokens, pricing=options.pricing),
+        system=CLOUD_SYSTEM, task_message=_task_message(task, max_rounds),
     )
     history: list[tuple[str, str]] = []
     for index in range(1, max_rounds + 2):
@@ -154,7 +154,7 @@ def minion_flow(
         round_cost.edge_s += reply.seconds
         answer = out.text.strip() or "(no answer)"
         history.append((turn.question, answer))
-        session.messages.append({"role": "user", "content": _edge_message(answer, max_rounds - index)})
+        session.add("user", _edge_message(answer, max_rounds - index))
         session.cost.rounds.append(round_cost)
         session.rounds.append(Round(index=index, cloud=exchanges, question=turn.question, edge_answer=answer,
                                     edge_runs=1, cost=round_cost))

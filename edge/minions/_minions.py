@@ -14,8 +14,11 @@ job on every selected chunk, drops abstentions, and sends back compact results
 must answer.
 
 What leaves the device: the task, the number of documents and chunks, the remote's own
-previous replies, and the edge model's non-abstaining results (answers and, unless
-``send_citations=False``, short quotes; each cut to ``max_result_chars``). Never a chunk.
+previous replies, and the edge model's non-abstaining results (answers and, with
+``send_citations=True``, short quotes; each cut to ``max_result_chars``), all through the
+verbatim filter. No count that depends on the documents (runs, abstentions, matches) is
+sent, and keyword selection is off unless asked for. Never a chunk. docs/minions.md has the
+field-by-field list.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import weakref
 from collections.abc import Sequence
 from typing import Any
 
-from tether.cloud import ChatResult
+from tether.contract import ChatResult
 from tether.edge.minions._chunking import Chunk, chunk_documents, contains_any
 from tether.edge.minions._cost import CostReport, RoundCost
 from tether.edge._edge_model import EdgeModel
@@ -59,21 +62,32 @@ from tether.edge.minions._types import (
 )
 from tether.errors import ConfigurationError
 
-CLOUD_SYSTEM = (
-    "You answer a task about private documents that you cannot see. A small local model can read them; "
-    "they are cut into numbered chunks. Each turn, reply with one JSON object, either\n"
-    '{"action": "jobs", "jobs": [{"instruction": "...", "chunks": "all", "hints": "..."}]}\n'
-    "to have the local model do each instruction on each selected chunk, or\n"
-    '{"action": "answer", "answer": "..."}\n'
-    'when you can answer. "chunks" is "all", a list of chunk ids, or {"contains_any": ["keyword", ...]} '
-    "(the chunks that contain a keyword: use a distinctive name from the task to skip unrelated chunks). "
-    "The local model is weak: give it simple extraction instructions, one fact per job "
-    '(e.g. "What was the revenue of the X division in Q3? Give the number."), and do any arithmetic yourself. '
-    "Never put figures you guess into instructions or hints: you do not know them. "
-    "Chunks without the fact return nothing. Results come back as JSON lines with job, chunks, answer and citation. "
-    "Results can disagree or be wrong: use an answer whose citation states what the job asked for "
-    "(the same name, period and measure)."
-)
+def cloud_system(options: MinionsOptions) -> str:
+    """The planner's system prompt: it offers only what `options` allow (keywords, citations)."""
+    chunks = '"chunks" is "all" or a list of chunk ids'
+    if options.keyword_selection:
+        chunks += (', or {"contains_any": ["keyword", ...]} (the chunks that contain a keyword: use a '
+                   "distinctive name from the task to skip unrelated chunks)")
+    if options.send_citations:
+        fields = ("Results come back as JSON lines with job, chunks, answer and citation. Results can disagree or "
+                  "be wrong: use an answer whose citation states what the job asked for (the same name, period "
+                  "and measure).")
+    else:
+        fields = ("Results come back as JSON lines with job, chunks and answer. Results can disagree or be wrong: "
+                  "ask the job that states the name, period and measure, and prefer answers that agree.")
+    return (
+        "You answer a task about private documents that you cannot see. A small local model can read them; "
+        "they are cut into numbered chunks. Each turn, reply with one JSON object, either\n"
+        '{"action": "jobs", "jobs": [{"instruction": "...", "chunks": "all", "hints": "..."}]}\n'
+        "to have the local model do each instruction on each selected chunk, or\n"
+        '{"action": "answer", "answer": "..."}\n'
+        f"when you can answer. {chunks}. "
+        "The local model is weak: give it simple extraction instructions, one fact per job "
+        '(e.g. "What was the revenue of the X division in Q3? Give the number."), and do any arithmetic '
+        "yourself. Never put figures you guess into instructions or hints: you do not know them. "
+        f"Chunks without the fact return nothing. {fields} Long quotes of the documents are withheld ([…]): "
+        "ask for short facts."
+    )
 
 EDGE_SYSTEM = (
     "You read one excerpt of a private document and do one task using only that excerpt. Reply with one JSON "
@@ -111,17 +125,28 @@ def _overview(chunks: Sequence[Chunk], n_docs: int) -> str:
     return f"{n_docs} documents, {len(chunks)} chunks ({'; '.join(spans)})."
 
 
-def resolve(plan: Plan, chunks: Sequence[Chunk], n_docs: int, limits: PlanLimits) -> list[tuple[int, int]]:
+def resolve(plan: Plan, chunks: Sequence[Chunk], n_docs: int, limits: PlanLimits, *,
+            keyword_selection: bool = False) -> list[tuple[int, int]]:
     """The (job index, chunk id) pairs a plan asks for, checked against what exists.
 
+    Every check depends only on the plan and the chunk counts (which the cloud is told), so
+    an error message says nothing about the documents' text.
+
+    Args:
+        keyword_selection: allow ``contains_any`` selectors (they reveal which chunks hold a keyword).
+
     Raises:
-        SchemaViolation: a chunk id or document index does not exist.
+        SchemaViolation: a chunk id or document index does not exist, or a ``contains_any``
+            selector while `keyword_selection` is off.
         ReplyTooLarge: more than ``limits.max_edge_runs`` pairs.
     """
     pairs: list[tuple[int, int]] = []
     for j, job in enumerate(plan.jobs):
         sel = job.chunks
         path = f"jobs[{j}].chunks"
+        if sel.kind == "contains_any" and not keyword_selection:
+            raise SchemaViolation(f'{path}: "contains_any" is turned off on this device (it would reveal whether '
+                                  'a keyword occurs in the documents); use "all" or a list of chunk ids', path=path)
         if sel.kind == "all":
             ids = [c.id for c in chunks]
         elif sel.kind == "ids":
@@ -151,15 +176,18 @@ def _numbers(text: str) -> set[str]:
     return {m.group().replace(",", "").rstrip(".") for m in _NUMBER.finditer(text)}
 
 
-def grounded(answer: str, citation: str, chunk: Chunk) -> tuple[bool, str]:
+def grounded(answer: str, citation: str, chunk: Chunk, job: Job | None = None) -> tuple[bool, str]:
     """Check an edge result against its chunk, on the device (small models invent figures).
 
     Returns (keep, citation): the result is dropped when its answer holds a number that the
     chunk does not contain; the citation is kept only when it is a quote of the chunk
-    (whitespace and case aside).
+    (whitespace and case aside). Figures written in the job's instruction or hints are not
+    checked: the planner supplied them, and dropping a result that echoes one exactly when the
+    chunk lacks it would let the planner test its guesses against the document.
     """
     in_chunk = _numbers(chunk.text)
-    keep = _numbers(answer) <= in_chunk
+    supplied = _numbers(f"{job.instruction} {job.hints}") if job is not None else set()
+    keep = _numbers(answer) - supplied <= in_chunk
     hay = _SPACE.sub(" ", chunk.text).casefold()
     quote = _SPACE.sub(" ", citation).strip().casefold()
     return keep, citation if quote and quote in hay else ""
@@ -188,17 +216,18 @@ def _merge(results: Sequence[WorkerResult]) -> list[dict[str, Any]]:
     return list(merged.values())
 
 
-def _drop_guessed_hints(plan: Plan, task: str, rounds: Sequence[Round]) -> tuple[Plan, dict[int, list[str]]]:
+def _drop_guessed_hints(plan: Plan, seen: Sequence[str]) -> tuple[Plan, dict[int, list[str]]]:
     """The plan without hints that hold figures the planner cannot know, and which figures those were.
 
-    The planner has seen only the task and the edge's results; a figure in its hints that
-    is in neither is a guess, and small workers copy hints into their answers (grounding
-    then drops every result, and nothing is learnt). Such hints never reach the edge model.
+    The planner has seen only `seen` (the messages sent to it, as sent: the task and the
+    filtered results); a figure in its hints that is in none is a guess, and small workers
+    copy hints into their answers (grounding then drops every result, and nothing is learnt).
+    Such hints never reach the edge model. Judging by what was sent, not by what the edge
+    wrote, keeps the verdict free of anything the filter withheld.
     """
-    known = _numbers(task)
-    for r in rounds:
-        for res in r.results:
-            known |= _numbers(res.answer)
+    known: set[str] = set()
+    for text in seen:
+        known |= _numbers(text)
     guessed: dict[int, list[str]] = {}
     jobs = list(plan.jobs)
     for j, job in enumerate(jobs):
@@ -209,17 +238,20 @@ def _drop_guessed_hints(plan: Plan, task: str, rounds: Sequence[Round]) -> tuple
     return (dataclasses.replace(plan, jobs=tuple(jobs)) if guessed else plan), guessed
 
 
-def _results_message(index: int, results: Sequence[WorkerResult], runs: int, empty_jobs: Sequence[int],
-                     omitted: int, rounds_left: int, guessed: dict[int, list[str]] | None = None) -> str:
-    lines = [f"Results of round {index}: {len(results) + omitted} of {runs} runs found something."]
+def _results_message(index: int, results: Sequence[WorkerResult], omitted: bool, rounds_left: int,
+                     guessed: dict[int, list[str]] | None = None) -> str:
+    """The round's results as the planner reads them.
+
+    No count of runs, abstentions, grounding drops or selected chunks: each depends on the
+    documents (or, with keywords, on a keyword's presence). What the edge wrote is all.
+    """
+    lines = [f"Results of round {index}:" if results else f"Results of round {index}: nothing found."]
     for j, figures in (guessed or {}).items():
         lines.append(f"The hints of job {j} were not used: they hold figures ({', '.join(figures[:3])}) that are "
                      "in neither the task nor any result, so they are guesses.")
-    if empty_jobs:
-        lines.append("Jobs that selected no chunk: " + ", ".join(map(str, empty_jobs)) + ".")
     lines += [json.dumps(r, ensure_ascii=False) for r in _merge(results)]
     if omitted:
-        lines.append(f"({omitted} more results omitted.)")
+        lines.append("(more results omitted: make the jobs narrower.)")
     lines.append(f"Rounds of jobs left: {rounds_left}. If these results answer the task, answer now." if rounds_left
                  else 'No rounds left: reply now with {"action": "answer", "answer": "..."}.')
     return "\n".join(lines)
@@ -244,14 +276,12 @@ def minions_flow(
     if not chunks:
         raise ConfigurationError("the documents are empty")
     lim = options.limits
-    session = Session(
-        mode="minions",
-        messages=[{"role": "system", "content": CLOUD_SYSTEM},
-                  {"role": "user", "content": f"Task: {task}\nDocuments: {_overview(chunks, len(documents))}\n"
-                                              f"Rounds of jobs left: {max_rounds}. You have not seen the documents: "
-                                              "reply with jobs first."}],
-        options=options,
-        cost=CostReport(whole_document_tokens=whole_document_tokens, pricing=options.pricing),
+    session = Session.start(
+        "minions", documents, options,
+        CostReport(whole_document_tokens=whole_document_tokens, pricing=options.pricing),
+        system=cloud_system(options),
+        task_message=(f"Task: {task}\nDocuments: {_overview(chunks, len(documents))}\n"
+                      f"Rounds of jobs left: {max_rounds}. You have not seen the documents: reply with jobs first."),
     )
     for index in range(1, max_rounds + 2):
         final = index > max_rounds
@@ -267,13 +297,13 @@ def minions_flow(
             if isinstance(turn, Plan):
                 if final:
                     raise SchemaViolation("no rounds are left: the action must be 'answer'", path="action")
-                pairs = resolve(turn, chunks, len(documents), lim)
+                pairs = resolve(turn, chunks, len(documents), lim, keyword_selection=options.keyword_selection)
             return turn
 
         turn, _, exchanges = yield from session.cloud_turn(index, parse, round_cost)
         guessed: dict[int, list[str]] = {}
         if isinstance(turn, Plan):
-            turn, guessed = _drop_guessed_hints(turn, task, session.rounds)
+            turn, guessed = _drop_guessed_hints(turn, [m["content"] for m in session.messages if m["role"] == "user"])
         if isinstance(turn, FinalAnswer):
             session.cost.rounds.append(round_cost)
             session.rounds.append(Round(index=index, cloud=exchanges, cost=round_cost))
@@ -298,16 +328,14 @@ def minions_flow(
                 continue
             citation = parsed.citation
             if options.grounding:
-                keep, citation = grounded(parsed.answer, citation, chunks[c])
+                keep, citation = grounded(parsed.answer, citation, chunks[c], turn.jobs[j])
                 if not keep:
                     ungrounded += 1
                     continue
             results.append(WorkerResult(job=j, chunk=c, answer=parsed.answer,
                                         citation=citation if options.send_citations else ""))
         sent = results[: options.max_results]
-        empty_jobs = [j for j in range(len(turn.jobs)) if all(p[0] != j for p in pairs)]
-        session.messages.append({"role": "user", "content": _results_message(
-            index, sent, len(pairs), empty_jobs, len(results) - len(sent), max_rounds - index, guessed)})
+        session.add("user", _results_message(index, sent, len(results) > len(sent), max_rounds - index, guessed))
         session.cost.rounds.append(round_cost)
         session.rounds.append(Round(index=index, cloud=exchanges, jobs=turn.jobs, results=tuple(sent),
                                     edge_runs=len(pairs), abstained=len(pairs) - len(results) - ungrounded,

@@ -218,7 +218,8 @@ class ChunkSelector:
     Attributes:
         kind: ``"all"``, ``"ids"`` (chunk ids), ``"documents"`` (every chunk of these
             document indices) or ``"contains_any"`` (chunks whose text or heading contains
-            one of the keywords, case-insensitive substring match).
+            one of the keywords, case-insensitive substring match; refused unless
+            ``MinionsOptions.keyword_selection``, since it reveals where a keyword occurs).
         ids: the chunk ids or document indices.
         keywords: the keywords.
     """

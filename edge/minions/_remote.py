@@ -16,7 +16,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import httpx
 
-from tether.cloud import ChatResult, CloudSessionAPI, InvalidRequest, SessionLimitExceeded, UnsupportedOperation
+from tether.contract import ChatResult, CloudSessionAPI, InvalidRequest, SessionLimitExceeded, UnsupportedOperation
 from tether.edge._errors import CloudUnavailableError
 from tether.edge.minions._plan import MinionsError
 from tether.edge._remote import CloudConnector

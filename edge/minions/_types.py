@@ -11,15 +11,16 @@ and returns an `AskResult`. The driver does the calls; tests drive a core by han
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from tether.cloud import ChatResult
+from tether.contract import ChatResult
 from tether.edge.minions._chunking import ChunkingOptions
 from tether.edge.minions._cost import CostReport, Pricing, RoundCost
 from tether.edge.minions._worker import EdgeOutput, EdgePrompt
 from tether.edge.minions._plan import Job, MinionsError, PlanError, PlanLimits
+from tether.edge.minions._privacy import VerbatimFilter
 from tether.errors import ConfigurationError
 
 T = TypeVar("T")
@@ -39,7 +40,16 @@ class MinionsOptions:
         max_results: most non-abstaining edge results sent to the cloud per round (MinionS).
         max_result_chars: each result's answer and citation are cut to this many characters.
         send_citations: send the edge's short supporting quote with each result (MinionS).
-            It is edge-written text taken from the document: turn it off to send answers only.
+            Off by default: a citation is kept only when it is a quote of its chunk, so a
+            planner could use it to test guesses against the document.
+        max_verbatim_chars: no run of more than this many consecutive characters of the
+            documents leaves the device, in any message, across the whole session (the
+            verbatim filter, `_privacy.VerbatimFilter`; whitespace and case aside). A longer
+            copy is replaced by ``[…]``. None turns the filter off.
+        keyword_selection: MinionS: let plans select chunks with ``{"contains_any": [...]}``.
+            Off by default: which chunks a keyword selects (hence whether a keyword occurs in
+            the documents) would show in which results come back. When off, such a plan is
+            refused with a schema error, the same for every document.
         edge_context_tokens: most document tokens the Minion edge model reads (None: the
             edge model's positions minus room for the turns); longer documents need
             ``mode="minions"``.
@@ -58,7 +68,9 @@ class MinionsOptions:
     edge_max_tokens: int = 80
     max_results: int = 24
     max_result_chars: int = 120
-    send_citations: bool = True
+    send_citations: bool = False
+    max_verbatim_chars: int | None = 24
+    keyword_selection: bool = False
     edge_context_tokens: int | None = None
     edge_batch: int = 16
     edge_cache_tokens: int = 32_768
@@ -74,6 +86,9 @@ class MinionsOptions:
             raise ConfigurationError("MinionsOptions.edge_cache_tokens must be >= 0")
         if self.edge_context_tokens is not None and self.edge_context_tokens < 1:
             raise ConfigurationError("MinionsOptions.edge_context_tokens must be >= 1")
+        if self.max_verbatim_chars is not None and self.max_verbatim_chars < 1:
+            raise ConfigurationError(f"MinionsOptions.max_verbatim_chars must be >= 1, or None to turn the "
+                                     f"verbatim filter off; got {self.max_verbatim_chars}")
 
     def replace(self, **changes: Any) -> MinionsOptions:
         return dataclasses.replace(self, **changes)
@@ -247,13 +262,56 @@ REASK = ("Your reply was rejected: {error}. Reply again with exactly one JSON ob
 
 @dataclass(slots=True)
 class Session:
-    """Mutable state of one protocol run: the cloud conversation, the rounds so far, the cost."""
+    """Mutable state of one protocol run: the cloud conversation, the rounds so far, the cost.
+
+    Every message enters the conversation through `add` (and every re-ask through
+    `_outgoing`): that is the one door to the cloud, where the verbatim filter runs.
+
+    Attributes:
+        guard: the session's verbatim filter (None when ``max_verbatim_chars`` is None).
+    """
 
     mode: str
-    messages: list[dict[str, str]]
     options: MinionsOptions
     cost: CostReport
+    guard: VerbatimFilter | None
+    messages: list[dict[str, str]] = field(default_factory=list)
     rounds: list[Round] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, mode: str, documents: Sequence[str], options: MinionsOptions, cost: CostReport,
+              *, system: str, task_message: str) -> Session:
+        """A session whose conversation opens with the fixed system prompt and the task message.
+
+        Both are text the caller chose to send (the task as written): they are sent as they are
+        and count as known to the cloud, so the filter never withholds them when repeated.
+        """
+        guard = (VerbatimFilter(documents, options.max_verbatim_chars)
+                 if options.max_verbatim_chars is not None else None)
+        session = cls(mode=mode, options=options, cost=cost, guard=guard)
+        session.add("system", system, known=True)
+        session.add("user", task_message, known=True)
+        return session
+
+    def _outgoing(self, role: str, content: str, *, known: bool) -> dict[str, str]:
+        """The message as it may leave the device: the one place every message passes through."""
+        if self.guard is not None:
+            if known:
+                self.guard.learn(content)
+            else:
+                content = self.guard.redact(content)
+        return {"role": role, "content": content}
+
+    def add(self, role: str, content: str, *, known: bool = False) -> None:
+        """Append a message to the cloud conversation, through the verbatim filter.
+
+        Args:
+            role: ``"system"``, ``"user"`` or ``"assistant"``.
+            content: the text. Device-derived text (edge answers, results) is filtered.
+            known: the cloud already has this text (its own reply, the task, a fixed prompt):
+                send it as it is and never withhold it later.
+        """
+        self.messages.append(self._outgoing(role, content, known=known))
 
     def partial(self, extra: Round | None = None) -> AskResult:
         rounds = tuple(self.rounds) + ((extra,) if extra is not None else ())
@@ -278,6 +336,8 @@ class Session:
             sent = tuple(dict(m) for m in messages)
             reply: Timed[ChatResult] = yield CloudRequest(messages=sent, max_tokens=self.options.cloud_max_tokens)
             res = reply.value
+            if self.guard is not None:  # what the planner wrote is known to it, rejected or not
+                self.guard.learn(res.text)
             round_cost.cloud_calls += 1
             round_cost.cloud_prompt_tokens += res.prompt_tokens
             round_cost.cloud_completion_tokens += res.completion_tokens
@@ -290,13 +350,13 @@ class Session:
                                                completion_tokens=res.completion_tokens, error=str(exc)))
                 if attempt + 1 < attempts:
                     messages = messages + [
-                        {"role": "assistant", "content": res.text[:500]},
-                        {"role": "user", "content": REASK.format(error=str(exc))},
+                        self._outgoing("assistant", res.text[:500], known=True),
+                        self._outgoing("user", REASK.format(error=str(exc)), known=False),
                     ]
                 continue
             exchanges.append(CloudExchange(sent=sent, reply=res.text, prompt_tokens=res.prompt_tokens,
                                            completion_tokens=res.completion_tokens))
-            self.messages.append({"role": "assistant", "content": res.text})
+            self.add("assistant", res.text, known=True)
             return parsed, res.text, tuple(exchanges)
         failed = Round(index=index, cloud=tuple(exchanges), cost=round_cost)
         self.cost.rounds.append(round_cost)

@@ -2,8 +2,9 @@
 
 What belongs here: turning chat messages into token segments whose boundaries are stable,
 a longest-prefix KV cache (a document or chunk is prefilled once and forked for every job
-and question over it), and greedy decoding of many prompts at once through the runtime's
-ragged `extend_batch`. All of it is blocking and runs on the edge model's thread.
+and question over it), and greedy decoding of many prompts at once with the runtime's
+batched decoder (`tether.runtime.greedy_decode`, JSON constraints as its `choose` hook).
+All of it is blocking and runs on the edge model's thread.
 What does not: what the prompts say (`_minion.py`, `_minions.py`) or any networking.
 
 The same class serves any `CausalLM`; the benchmark uses it for the cloud-only and
@@ -21,7 +22,7 @@ from typing import Any, Literal
 import torch
 
 from tether.errors import ConfigurationError
-from tether.runtime import CausalLM, KVState
+from tether.runtime import CausalLM, KVState, greedy_decode
 
 _SENTINEL = "\ue000{}\ue001"
 _SENTINEL_RE = re.compile("\ue000(\\d+)\ue001")
@@ -274,8 +275,8 @@ class BatchGenerator:
         return [results[i] for i in range(len(prompts))]
 
     def _generate_batch(self, prompts: Sequence[EdgePrompt]) -> list[EdgeOutput]:
-        from tether.cloud._api import SamplingParams
-        from tether.cloud._jsonmode import JsonConstraint
+        from tether.contract import SamplingParams
+        from tether.jsonmode import JsonConstraint
 
         limit = self.model.info.max_positions
         for p in prompts:
@@ -321,56 +322,35 @@ class BatchGenerator:
                 if p.json_prefix and not c.prefix.feed_text(p.json_prefix):
                     raise ConfigurationError(f"json_prefix {p.json_prefix!r} does not start a JSON object")
                 constraints.append(c)
-            generated: list[list[int]] = [[] for _ in prompts]
-            finish: list[Literal["stop", "length"] | None] = [None] * len(prompts)
-            logits: list[torch.Tensor | None] = list(first)
-            while True:
-                step_states: list[KVState] = []
-                step_ids: list[list[int]] = []
-                step_idx: list[int] = []
-                for i, p in enumerate(prompts):
-                    if finish[i] is not None:
-                        continue
-                    row = logits[i]
-                    assert row is not None
-                    c = constraints[i]
-                    remaining = p.max_new_tokens - len(generated[i])
-                    if c is not None:
-                        tok = int(c.choose(row, greedy, gen, eos_ids=set(self.eos_ids), remaining=remaining))
-                    else:
-                        tok = int(row.argmax())
-                    if tok in self.eos_ids:
-                        finish[i] = "stop"
-                        continue
-                    generated[i].append(tok)
-                    if c is not None and c.complete:
-                        finish[i] = "stop"
-                    elif len(generated[i]) >= p.max_new_tokens:
-                        finish[i] = "length"
-                    else:
-                        step_states.append(states[i])
-                        step_ids.append([tok])
-                        step_idx.append(i)
-                if not step_idx:
-                    break
-                t0 = time.perf_counter()
-                rows = self.model.extend_batch(step_states, step_ids)
-                self.compute_s += time.perf_counter() - t0
+            eos = set(self.eos_ids)
+
+            def choose(i: int, row: torch.Tensor, remaining: int) -> int:
+                c = constraints[i]
+                if c is None:
+                    return int(row.argmax())
+                return int(c.choose(row, greedy, gen, eos_ids=eos, remaining=remaining))
+
+            def count(seconds: float) -> None:
+                self.compute_s += seconds
                 self.forward_passes += 1
-                for i, r in zip(step_idx, rows, strict=True):
-                    logits[i] = r[-1]
+
+            first_rows = [row for row in first if row is not None]
+            assert len(first_rows) == len(prompts), "every prompt has a prefix or a suffix"
+            decoded = greedy_decode(
+                self.model, states, first_rows, max_new_tokens=[p.max_new_tokens for p in prompts],
+                stop_ids=self.eos_ids, choose=choose,
+                is_done=lambda i, _: constraints[i] is not None and constraints[i].complete, on_forward=count,
+            )
         finally:
             for s in states:  # forks (or uncached prefix states): never the cached entries
                 self.model.release(s)
         outputs: list[EdgeOutput] = []
-        for i, p in enumerate(prompts):
-            text = self.tokenizer.decode(generated[i], skip_special_tokens=True)
+        for p, d, n in zip(prompts, decoded, prefilled, strict=True):
+            text = self.tokenizer.decode(list(d.token_ids), skip_special_tokens=True)
             if p.json_prefix:
                 text = p.json_prefix + text
-            reason = finish[i]
-            assert reason is not None
             outputs.append(EdgeOutput(
-                text=text, completion_tokens=len(generated[i]), prompt_tokens=len(p.prefix) + len(p.suffix),
-                prefilled_tokens=prefilled[i], finish_reason=reason,
+                text=text, completion_tokens=len(d.token_ids), prompt_tokens=len(p.prefix) + len(p.suffix),
+                prefilled_tokens=n, finish_reason=d.finish_reason,
             ))
         return outputs

@@ -18,6 +18,7 @@ exactly as the cloud's p at that position; a bonus token after an acceptance is 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,20 +26,15 @@ from typing import Any, Callable
 
 import torch
 
-from tether.cloud import SparseProbs
+from tether.contract import SparseProbs
 from tether.edge._edge_model import EdgeModel
-from tether.edge._proposer import DraftSettings
+from tether.edge._proposer import DraftSettings, EdgeDrafter
 from tether.edge._remote import CloudLink, LinkDown, now
 from tether.edge._stats import GenerationStats
 from tether.edge._strategies import Committed, Strategy
 from tether.edge._types import Origin
-from tether.routing._base import Decision
-from tether.routing._options import RoutingOptions
-from tether.routing._query import Query, QueryRouter
-from tether.routing._signals import forward_with_hidden, probe_query
-from tether.routing._token import TokenRouter
-from tether.runtime import KVState
-from tether.sampling import SparseDist, sample, sparsify, warp
+from tether.routing import Decision, Query, QueryRouter, RoutingOptions, TokenRouter, probe_query
+from tether.sampling import SparseDist
 
 ROUTING_MODES: tuple[str, ...] = ("route-query", "route-token")
 
@@ -88,49 +84,6 @@ class RoutingStats(GenerationStats):
         return out
 
 
-class _EdgeDecoder:
-    """The edge's own chain for the routing modes: one KV state, logits and hidden state of the next position."""
-
-    def __init__(self, edge: EdgeModel, settings: DraftSettings, generator: torch.Generator, want_hidden: bool) -> None:
-        self.edge, self.settings, self.generator = edge, settings, generator
-        self.runtime = edge.runtime
-        self.want_hidden = want_hidden
-        self.state: KVState | None = None
-        self.logits: torch.Tensor | None = None  # [V] after the last token of the chain
-        self.hidden: torch.Tensor | None = None  # [H]
-        self.forward_passes = 0
-        self.compute_s = 0.0
-
-    def feed(self, token_ids: Sequence[int]) -> None:
-        """Run tokens through the edge (blocking; on the edge thread)."""
-        if self.state is None:
-            self.state = self.runtime.new_state()
-        t0 = time.perf_counter()
-        if self.want_hidden:
-            logits, hidden = forward_with_hidden(self.runtime, self.state, token_ids)
-            self.hidden = None if hidden is None else hidden[-1]
-        else:
-            logits = self.runtime.extend(self.state, token_ids)
-        self.logits = logits[-1]
-        self.compute_s += time.perf_counter() - t0
-        self.forward_passes += 1
-
-    def choose(self) -> tuple[int, SparseDist | None]:
-        """The edge's token at the next position (argmax, or a sample from its exact sparse q)."""
-        assert self.logits is not None
-        if self.settings.greedy:
-            return int(self.logits.argmax()), None
-        probs = warp(self.logits, temperature=self.settings.temperature, top_k=self.settings.top_k,
-                     top_p=self.settings.top_p)
-        dist = sparsify(probs, max_support=self.settings.max_support, tail_mass=self.settings.tail_mass)
-        return dist.sample(self.generator), dist
-
-    def release(self) -> None:
-        if self.state is not None:
-            self.runtime.release(self.state)
-            self.state = None
-
-
 class RouteQueryStrategy:
     """``route-query``: probe the query on the edge, then answer on the edge or in the cloud.
 
@@ -155,26 +108,25 @@ class RouteQueryStrategy:
         self.query_text, self.make_cloud = query_text, make_cloud
         self.settings, self.stats, self.eos_ids = settings, stats, tuple(eos_ids)
         self.embedder = embedder
-        self.decoder = _EdgeDecoder(edge, settings, generator, want_hidden=False)
+        self.decoder = EdgeDrafter(edge.runtime, settings, generator)
         self.cloud: Strategy | None = None
         self._pending: list[int] = []  # draft tokens to emit first (edge route, greedy)
         stats.router, stats.threshold = router.kind, threshold
 
     async def start(self, prompt_ids: Sequence[int]) -> None:
         needs = self.router.needs
-        probe = None
+        probe = state = None
         if "probe" in needs:
             def run_probe() -> Any:
                 t0 = time.perf_counter()
                 out = probe_query(self.edge.runtime, prompt_ids, max(1, self.router.draft_tokens), self.eos_ids)
                 self.decoder.compute_s += time.perf_counter() - t0
-                self.decoder.forward_passes += 1 + len(out[0].draft_ids)
+                self.decoder.forward_passes += len(out[0].draft_ids)  # the prefill, each draft token but the last
                 return out
             probe, state, _ = await self.edge.run(run_probe)
-            self.decoder.state = state
         embedding = None
         if "embedding" in needs:
-            from tether.routing._embed import default_embedder
+            from tether.routing import default_embedder
 
             emb = self.embedder or default_embedder()
             embedding = (await self.edge.run(emb.embed, [self.query_text]))[0]
@@ -183,24 +135,22 @@ class RouteQueryStrategy:
         decision = self.router.decide_score(score, self.threshold)
         self.stats.route = decision.value
         if decision is Decision.CLOUD:
-            if self.decoder.state is not None:
-                await self.edge.run(self.decoder.release)
+            if state is not None:
+                await self.edge.run(self.edge.runtime.release, state)
             self._sync_stats()
             self.cloud = self.make_cloud()
             await self.cloud.start(prompt_ids)
             return
         draft = list(probe.draft_ids) if probe is not None else []
-        if draft and self.settings.greedy:
+        if draft and self.settings.greedy and state is not None:
             # The state holds prompt + draft[:-1]; the answer continues after draft[-1].
             self._pending = draft
-            await self.edge.run(self.decoder.feed, [draft[-1]]) if draft[-1] not in self.eos_ids else None
+            await self.edge.run(self.decoder.adopt, [*prompt_ids, *draft], state)
         else:
-            await self.edge.run(self._restart, prompt_ids)
+            if state is not None:
+                await self.edge.run(self.edge.runtime.release, state)
+            await self.edge.run(self.decoder.start, prompt_ids)
         self._sync_stats()
-
-    def _restart(self, prompt_ids: Sequence[int]) -> None:
-        self.decoder.release()
-        self.decoder.feed(prompt_ids)
 
     def _sync_stats(self) -> None:
         self.stats.edge_forward_passes = self.decoder.forward_passes
@@ -215,7 +165,7 @@ class RouteQueryStrategy:
 
         def one() -> int:
             tok, _ = self.decoder.choose()
-            self.decoder.feed([tok])
+            self.decoder.append_committed([tok])
             return tok
 
         tok = await self.edge.run(one)
@@ -244,7 +194,7 @@ class RouteTokenStrategy:
                  settings: DraftSettings, generator: torch.Generator, stats: RoutingStats, ids: list[int]) -> None:
         self.edge, self.router, self.threshold, self.link = edge, router, threshold, link
         self.settings, self.stats, self.ids = settings, stats, ids
-        self.decoder = _EdgeDecoder(edge, settings, generator, want_hidden=bool(router.needs_hidden))
+        self.decoder = EdgeDrafter(edge.runtime, settings, generator, want_hidden=bool(router.needs_hidden))
         self.synced = 0  # committed tokens the cloud session holds
         self.n_out = 0
         stats.router, stats.threshold = router.kind, threshold
@@ -254,8 +204,13 @@ class RouteTokenStrategy:
 
     async def start(self, prompt_ids: Sequence[int]) -> None:
         self.ids[:] = list(prompt_ids)
-        await self.edge.run(self.decoder.feed, prompt_ids)
-        if await self.link.start(prompt_ids):
+        # At threshold -inf (cloud_fraction=0) no score is below it: no session is opened.
+        # Otherwise the session opens before any compute: a prompt too long for it raises here.
+        uses_cloud = self.threshold > -math.inf
+        if uses_cloud:
+            await self.link.open(len(prompt_ids))
+        await self.edge.run(self.decoder.start, prompt_ids)
+        if uses_cloud and await self.link.start(prompt_ids):
             self.synced = len(prompt_ids)
         self._sync_stats()
 
@@ -264,9 +219,13 @@ class RouteTokenStrategy:
         self.stats.edge_compute_s = self.decoder.compute_s
 
     async def step(self, budget: int) -> list[Committed]:
+        room = self.link.room(len(self.ids))
+        if room is not None and room <= 0:
+            return []  # the cloud session could not hold another token: end with "length"
+
         def look() -> tuple[float, int, SparseDist | None]:
-            assert self.decoder.logits is not None
-            score = self.router.score_token(self.decoder.logits, self.decoder.hidden)
+            logits = self.decoder.next_logits()  # runs the tokens committed last step
+            score = self.router.score_token(logits, self.decoder.hidden)
             tok, dist = self.decoder.choose()
             return score, tok, dist
 
@@ -284,7 +243,7 @@ class RouteTokenStrategy:
         toks = [c.token_id for c in out]
         self.ids.extend(toks)
         self.n_out += len(out)
-        await self.edge.run(self.decoder.feed, toks)
+        await self.edge.run(self.decoder.append_committed, toks)
         self._sync_stats()
         return out
 
@@ -308,15 +267,22 @@ class RouteTokenStrategy:
                 assert dist is not None
                 q = SparseProbs(ids=(tuple(dist.token_ids.tolist()),), probs=(tuple(dist.probs.tolist()),))
 
+                # A verify commits up to two tokens; with room for one, the cloud samples it alone.
+                room = self.link.room(len(self.ids))
+                draft, draft_q = ([edge_tok], q) if room is None or room >= 2 else ([], None)
+
                 async def append_verify(s: Any) -> Any:
                     if pending:
                         await s.append(pending, prefill=False)
-                    return await s.verify([edge_tok], q)
+                    return await s.verify(draft, draft_q)
 
                 res = await self.link.call(append_verify)
                 wall = now() - t0
                 self.link.record_timing(wall, res.compute_s, res.queue_s, res.forward_passes)
-                if res.accepted:
+                if not draft:
+                    tok = int(res.next_token)
+                    out = [Committed(tok, Origin.EDGE_ACCEPTED if tok == edge_tok else Origin.CLOUD_CORRECTED)]
+                elif res.accepted:
                     out = [Committed(edge_tok, Origin.EDGE_ACCEPTED), Committed(int(res.next_token), Origin.CLOUD_GENERATED)]
                 else:
                     out = [Committed(int(res.next_token), Origin.CLOUD_CORRECTED)]
@@ -343,25 +309,28 @@ def build_routing_strategy(
     query_text: str,
     make_link: Callable[[Callable[[], Sequence[int]]], CloudLink],
     make_cloud: Callable[[], Strategy],
+    default_threshold: float | None = None,
 ) -> Strategy:
-    """The strategy of a routing mode, wired from injected parts (the client's factory calls this).
+    """The strategy of a routing mode, wired from injected parts (the mode registry calls this).
 
     Args:
         mode: ``"route-query"`` or ``"route-token"``.
         make_link: builds a `CloudLink` given the callable returning the committed ids.
         make_cloud: builds the ``cloud``-mode strategy (route-query's cloud branch).
+        default_threshold: the mode's default, used when `options` give no threshold and
+            the default router has none of its own.
 
     Raises:
         ConfigurationError: the router cannot be resolved or has no threshold.
     """
     assert isinstance(stats, RoutingStats), "routing modes record into RoutingStats"
     if mode == "route-query":
-        qrouter, threshold = options.resolve_query()
+        qrouter, threshold = options.resolve_query(default_threshold)
         return RouteQueryStrategy(edge=edge, router=qrouter, threshold=threshold, query_text=query_text,
                                   make_cloud=make_cloud, settings=settings, generator=generator, stats=stats,
                                   eos_ids=edge.eos_token_ids, embedder=options.embedder)
     if mode == "route-token":
-        trouter, threshold = options.resolve_token()
+        trouter, threshold = options.resolve_token(default_threshold)
         ids: list[int] = []
         link = make_link(lambda: ids)
         return RouteTokenStrategy(edge=edge, router=trouter, threshold=threshold, link=link, settings=settings,

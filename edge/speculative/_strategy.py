@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Union
 
-from tether.cloud import SparseProbs, VerifyResult
+from tether.contract import SparseProbs, VerifyResult
 from tether.edge.speculative._draft_length import (
     AdaptiveDraftLength,
     DraftLengthPolicy,
@@ -193,7 +193,9 @@ class SpeculativeStrategy:
         return self.drafter.ids[: self.drafter.committed]
 
     async def start(self, prompt_ids: Sequence[int]) -> None:
-        # Edge and cloud prefill the prompt at the same time.
+        # Open the session first (no compute: a prompt too long for it raises
+        # ContextLengthExceeded here), then edge and cloud prefill the prompt at the same time.
+        await self.link.open(len(prompt_ids))
         edge_job = asyncio.ensure_future(self.edge.run(self.drafter.start, prompt_ids))
         try:
             await self.link.start(prompt_ids)
@@ -207,19 +209,30 @@ class SpeculativeStrategy:
         self.stats.edge_compute_s = self.drafter.compute_s
 
     def _limit(self, budget: int) -> int:
+        """The longest block this round may send; 0 when only the cloud's next token fits."""
+        d = self.drafter
         limit = min(self.options.max_draft, max(1, budget - 1))
         info = self.link.info
         if info is not None:
             limit = min(limit, info.capabilities.max_draft)
-            room = info.max_tokens - self.drafter.committed - 1
-            limit = min(limit, max(1, room))
-        return max(1, limit)
+        room = self.link.room(d.committed)
+        if room is not None:
+            limit = min(limit, room - 1)  # a verify commits up to k + 1 tokens
+        # The edge holds the block, the bonus guess and a block drafted ahead.
+        edge_room = self.edge.runtime.info.max_positions - d.committed
+        return max(0, min(limit, (edge_room - 1) // 2))
 
     async def step(self, budget: int) -> list[Committed]:
         if not self.link.up and not await self.link.resume():
             return await self._edge_only()
         d = self.drafter
-        k = self.policy.choose(limit=self._limit(budget))
+        room = self.link.room(d.committed)
+        if room is not None and room <= 0:
+            return []  # the cloud session is full: the generation ends with "length"
+        limit = self._limit(budget)
+        if limit == 0:
+            return await self._cloud_token()
+        k = self.policy.choose(limit=limit)
         min_conf = self.options.min_confidence
         # Propose: top the chain up to k speculative tokens (pipelining may have drafted them).
         have = len(d.speculative)
@@ -282,6 +295,18 @@ class SpeculativeStrategy:
         out = [Committed(t, Origin.EDGE_ACCEPTED) for t in block[:n_acc]]
         out.append(Committed(res.next_token, Origin.CLOUD_GENERATED if res.is_bonus else Origin.CLOUD_CORRECTED))
         return out
+
+    async def _cloud_token(self) -> list[Committed]:
+        """Room for one more token only: the cloud's next token, verified without a draft."""
+        try:
+            scored = await self.scorer.score(Proposal(tokens=()))
+        except LinkDown:
+            return await self._edge_only()
+        res = scored.result
+        await self.edge.run(self.drafter.accept, 0, res.next_token)
+        self._sync_edge_stats()
+        self.stats.record_round(drafted=0, accepted=0)
+        return [Committed(res.next_token, Origin.CLOUD_GENERATED)]
 
     def _mean_draft_s(self) -> float | None:
         d = self.drafter

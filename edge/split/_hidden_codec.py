@@ -37,13 +37,12 @@ import numpy as np
 import torch
 
 from tether.errors import ConfigurationError
-from tether.protocol import DType, Tensor
-from tether.protocol._tensors import INT4_GROUP, wire_nbytes
+from tether.protocol import COMPRESSIONS, INT4_GROUP, DType, Tensor, wire_nbytes
 
 __all__ = ["CODECS", "COMPRESSIONS", "HiddenCodec", "get_codec"]
 
-#: Compression names `SplitOptions.compression` accepts, lossless first.
-COMPRESSIONS: Final[tuple[str, ...]] = ("fp32", "fp16", "bf16", "int8", "int8-deflate", "int4")
+# `COMPRESSIONS` (the names `SplitOptions.compression` accepts, lossless first) is the wire's
+# one vocabulary (`tether.protocol.COMPRESSIONS`), re-exported here.
 
 _FP16_MAX = float(np.finfo(np.float16).max)
 

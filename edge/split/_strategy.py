@@ -34,7 +34,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from tether.cloud import HiddenResult
+from tether.contract import HiddenResult
 from tether.edge.split._exit_head import ConfirmedExit, EarlyExit, ExitHead, ModelHeadExit, load_exit
 from tether.edge.split._hidden_codec import HiddenCodec, get_codec
 from tether.edge.split._partition import PartitionProfile, PartitionReport, choose_partition, measure_edge, probe_cloud
@@ -245,7 +245,9 @@ class SplitStrategy:
                 self.exit = ConfirmedExit(self.exit, ModelHeadExit(model.runtime))
             kinds = {ModelHeadExit: "model-head", ExitHead: "trained", ConfirmedExit: "confirmed"}
             stats.exit_kind = kinds.get(type(self.exit), "custom")
-        up = await self.link.start(())  # no token ids: the session only ever sees hidden states
+        # The session opens first (a prompt longer than its max_tokens raises
+        # ContextLengthExceeded before the device runs a layer), and only ever sees hidden states.
+        up = await self.link.open(len(self.ids)) and await self.link.start(())
         if up:
             self._check_cloud()
         self.layer = await self._choose_layer(up)
@@ -387,6 +389,9 @@ class SplitStrategy:
     async def step(self, budget: int) -> list[Committed]:
         model = self.model
         assert model is not None
+        room = self.link.room(len(self.ids))
+        if room is not None and room <= 0:
+            return []  # the cloud session holds max_tokens positions: the generation ends with "length"
         seconds, added = await model.run(self._advance)
         if added:
             self.stats.record_edge(forward_passes=1, compute_s=seconds)

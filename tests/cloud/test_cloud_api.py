@@ -19,9 +19,11 @@ from tether.cloud import (
 def test_sampling_params_validate() -> None:
     assert SamplingParams().greedy
     assert not SamplingParams(temperature=0.5).greedy
-    with pytest.raises(InvalidRequest, match="temperature must be >= 0, got -1"):
+    with pytest.raises(InvalidRequest, match=r"temperature must be a finite number in \[0, 100\], got -1"):
         SamplingParams(temperature=-1)
-    with pytest.raises(InvalidRequest, match=r"top_p must be in \(0, 1\], got 0"):
+    with pytest.raises(InvalidRequest, match=r"temperature must be a finite number in \[0, 100\], got 150"):
+        SamplingParams(temperature=150)  # the wire's limit is the API's: one rule everywhere
+    with pytest.raises(InvalidRequest, match=r"top_p must be in \(0, 1\] \(1 disables it\), got 0"):
         SamplingParams(top_p=0)
     with pytest.raises(InvalidRequest, match="top_k must be >= 0"):
         SamplingParams(top_k=-2)
@@ -51,9 +53,11 @@ def test_messages_and_error_codes() -> None:
     assert [m.role for m in msgs] == ["user", "assistant"]
     with pytest.raises(InvalidRequest):
         as_messages([])
-    with pytest.raises(InvalidRequest, match="unknown chat role"):
+    with pytest.raises(InvalidRequest, match="chat role must be one of"):
         ChatMessage(role="robot", content="x")
-    err = error_from_code("evicted", "session abc evicted (idle)")
+    err = error_from_code("evicted", "session abc evicted", reason="idle")
     assert isinstance(err, SessionEvicted) and err.reason == "idle"
+    # The reason is a field: text that merely mentions one is not parsed for it.
+    assert error_from_code("evicted", "session abc evicted (idle)").reason == "memory"
     assert isinstance(error_from_code("limit_exceeded", "x"), SessionLimitExceeded)
     assert type(error_from_code("nope", "x")).__name__ == "CloudError"

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tether.cloud import SamplingParams
-from tether.cloud._jsonmode import JsonConstraint, JsonPrefix
+from tether.jsonmode import JsonConstraint, JsonPrefix
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,7 @@ from tether.cloud import (
 )
 from tether.cloud._config import CloudConfig
 from tether.cloud._manager import SessionManager
-from tether.cloud._remote import RemoteCloud
+from tether.edge import RemoteCloud
 from tether.cloud._server import CloudServer
 from tether.protocol import Chat, ChatMessage, KeyPair
 from tether.protocol import SamplingParams as WireSampling

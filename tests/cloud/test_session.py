@@ -20,6 +20,7 @@ from tether.cloud import (
     SessionNotOpen,
     SparseProbs,
 )
+from tether.contract import as_messages
 from tether.cloud._config import CloudConfig
 from tether.cloud._manager import SessionManager
 
@@ -138,8 +139,6 @@ async def test_session_limits(tiny_lm) -> None:  # type: ignore[no-untyped-def]
             await s.verify([1] * 5)
         with pytest.raises(SessionLimitExceeded, match="top_k=4 is outside"):
             await s.score([1], top_k=4)
-        with pytest.raises(SessionLimitExceeded, match="max_tokens=20"):
-            _ = [c async for c in s.generate(11)]
         first = asyncio.ensure_future(s.verify([1, 2]))
         await asyncio.sleep(0)
         with pytest.raises(SessionLimitExceeded, match=r"already has 1 requests pending \(max_pending=1\)"):
@@ -148,6 +147,33 @@ async def test_session_limits(tiny_lm) -> None:  # type: ignore[no-untyped-def]
         await m.open_session()
         with pytest.raises(ServerOverloaded, match="maximum of 2 sessions"):
             await m.open_session()
+
+
+async def test_generate_and_chat_stop_at_max_tokens(tiny_lm, byte_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """Reaching the session's token limit ends a generation with "length"; it is not refused."""
+    cfg = CloudConfig(max_tokens=20)
+    async with SessionManager(tiny_lm, config=cfg) as m:
+        s = await m.open_session()
+        await s.append(list(range(10)))
+        chunks = [c async for c in s.generate(11)]
+        ids = [t for c in chunks for t in c.token_ids]
+        assert len(ids) == 10 and s.length == 20
+        assert chunks[-1].finish_reason == "length" and chunks[-1].length == 20
+        assert all(c.finish_reason is None for c in chunks[:-1])
+        full = [c async for c in s.generate(5)]
+        assert [(c.token_ids, c.finish_reason) for c in full] == [((), "length")]
+        with pytest.raises(SessionLimitExceeded, match=r"session would hold 21 tokens \(max_tokens=20\)"):
+            await s.verify([])
+    # Chat: the reply stops at the room the prompt leaves; a prompt with no room is refused.
+    hi = [{"role": "user", "content": "hi"}]
+    async with SessionManager(tiny_lm, tokenizer=byte_tokenizer) as probe:
+        room = len(probe.chat_prompt_ids(as_messages(hi))) + 3
+    async with SessionManager(tiny_lm, tokenizer=byte_tokenizer, config=CloudConfig(max_tokens=room)) as m:
+        s = await m.open_session()
+        res = await s.chat(hi, max_tokens=200)
+        assert res.completion_tokens <= 3 and res.prompt_tokens + res.completion_tokens <= room
+        with pytest.raises(SessionLimitExceeded, match=f"leaves no room under max_tokens={room}"):
+            await s.chat([{"role": "user", "content": "x" * room}], max_tokens=5)
 
 
 async def test_lru_eviction_under_kv_budget(tiny_lm) -> None:  # type: ignore[no-untyped-def]

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tether.edge import Client, EdgeClient, LazyCloud, LoopbackCloud, Origin
+from tether.compose import LoopbackCloud
+from tether.edge import Client, EdgeClient, LazyCloud, Origin
 from tether.errors import TetherError
 
 

@@ -81,7 +81,7 @@ class CapturingEndpoint:
         turn = len(self.bodies)
         if self.mode == "minions":
             text = jobs({"instruction": "What amounts of money are mentioned?", "chunks": "all"},
-                        {"instruction": "Who is named?", "chunks": {"contains_any": ["board"]}}) \
+                        {"instruction": "Who is named?", "chunks": [0]}) \
                 if turn == 1 else '{"action": "answer", "answer": "58.2 million euros"}'
         else:
             text = ('{"action": "ask", "question": "What amounts of money are mentioned?"}' if turn < 3
@@ -150,12 +150,16 @@ async def test_nothing_of_the_document_reaches_a_cloud_session(byte_edge: Any, t
 
 
 def test_a_quoting_edge_leaks_only_its_own_bounded_results(byte_tokenizer: Any) -> None:
-    """An edge model that copies its chunk into every citation: only that, cut short, is sent."""
+    """An edge model that copies its chunk into every citation: only that, cut short, is sent.
+
+    Citations on and the verbatim filter off (both opt-outs of the defaults): the bound here is
+    `max_result_chars` alone. tests/minions/test_hostile.py runs the same copying under the defaults.
+    """
     def copycat(prompt: Any) -> str:
         chunk = byte_tokenizer.decode(list(prompt.prefix)).split(":\n", 1)[-1]
         return json.dumps({"answer": "see quote", "citation": chunk})
 
-    opts = OPTS.replace(max_result_chars=40)
+    opts = OPTS.replace(max_result_chars=40, send_citations=True, max_verbatim_chars=None)
     flow = minions_flow(byte_tokenizer, TASK, [SECRET], max_rounds=1, options=opts, whole_document_tokens=1)
     result, clouds, _ = drive(flow, [jobs({"instruction": "Quote it."}), '{"action": "answer", "answer": "x"}'],
                               copycat)

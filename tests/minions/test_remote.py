@@ -120,7 +120,7 @@ async def test_openai_chat_against_the_cloud_http_app(byte_manager: Any) -> None
 
     app = OpenAIApp(byte_manager, api_key="k").app
     wrong = OpenAIChat("http://cloud.test/v1", "gpt-9", api_key="k", transport=httpx.ASGITransport(app=app))
-    with pytest.raises(RemoteChatError, match=r"HTTP 400 \(this server serves model .*, not 'gpt-9'\)"):
+    with pytest.raises(RemoteChatError, match=r"HTTP 404 \(this server serves model .*, not 'gpt-9'\)"):
         await wrong.chat(MSGS, max_tokens=4)
     chat = OpenAIChat("http://cloud.test/v1", byte_manager.model_name, api_key="k",
                       transport=httpx.ASGITransport(app=app))

@@ -80,7 +80,10 @@ def test_minions_plan_run_synthesise(byte_tokenizer: Any) -> None:
 
     plan = jobs({"instruction": "How many units did the Aurora team sell in March?", "chunks": "all"},
                 {"instruction": "How many units did the Borealis team sell?", "chunks": {"contains_any": ["borealis"]}})
-    result, clouds, edges = drive(minions(byte_tokenizer), [plan, answer("195")], edge)
+    # Keywords and citations are opt-in (docs/minions.md: what each reveals); the quote is longer
+    # than the verbatim filter allows, so the filter is off here (tests/minions/test_hostile.py covers it).
+    opts = OPTS.replace(keyword_selection=True, send_citations=True, max_verbatim_chars=None)
+    result, clouds, edges = drive(minions(byte_tokenizer, options=opts), [plan, answer("195")], edge)
     assert result.answer == "195" and result.mode == "minions" and not result.forced
     n_chunks = json.loads(json.dumps(clouds[0].messages[1]["content"].split("chunks (ids 0-")[1].split(")")[0]))
     total = int(n_chunks) + 1

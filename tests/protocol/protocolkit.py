@@ -121,3 +121,21 @@ class RawClient:
         except ConnectionClosed as exc:
             assert exc.rcvd is not None, "closed without a close frame"
             return int(exc.rcvd.code)
+
+
+async def replay(url: str, message: bytes) -> tuple[int, int]:
+    """Send captured handshake bytes on a fresh socket: (messages the server answered, its close code)."""
+    from websockets.asyncio.client import connect as ws_connect
+    from websockets.exceptions import ConnectionClosed
+
+    answered = 0
+    async with ws_connect(url, compression=None, proxy=None, ping_interval=None) as ws:
+        await ws.send(message)
+        try:
+            while True:
+                await asyncio.wait_for(ws.recv(), 10)
+                answered += 1
+        except ConnectionClosed as exc:
+            assert exc.rcvd is not None, "closed without a close frame"
+            return answered, exc.rcvd.code
+    raise AssertionError("unreachable")

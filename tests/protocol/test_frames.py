@@ -271,3 +271,26 @@ def test_int4_grouped_tiny_and_huge_groups_stay_finite() -> None:
     assert np.all(np.isfinite(decoded))
     assert np.allclose(decoded[0], 0, atol=1e-3)
     assert np.allclose(decoded[1], values[1], atol=1 / 7)
+
+
+def _draft(k: int, m: int) -> VerifyDraft:
+    return VerifyDraft(session_id="s", tokens=np.zeros(k, np.int64),
+                       draft_indices=np.tile(np.arange(m, dtype=np.int64), (k, 1)),
+                       draft_probs=np.full((k, m), 1.0 / m, np.float32))
+
+
+@pytest.mark.parametrize(("k", "m", "text"), [
+    (129, 4, r"^VerifyDraft\.tokens axis 0 \(max_draft_tokens\) of 129 exceeds the limit of 128$"),
+    (2, 1025, r"^VerifyDraft\.draft_indices axis 1 \(max_draft_width\) of 1025 exceeds the limit of 1024$"),
+])
+def test_verify_draft_shapes_are_checked_against_the_limits_before_the_data(k: int, m: int, text: str) -> None:
+    """k and m are bounded by their own limits (not only the element count), on the declared
+    shape: a frame cut right after its descriptors is refused for its shape, not its length."""
+    frame = encode_frame(_draft(k, m)).tobytes()
+    with pytest.raises(LimitExceeded, match=text):
+        decode_frame(frame, LIMITS)
+    descriptors_end = HEADER.size + 3 * (DESCRIPTOR.size + 8)  # each: 16 bytes + dims padded to 8
+    with pytest.raises(LimitExceeded, match=text):
+        decode_frame(frame[:descriptors_end], LIMITS)
+    assert decode_frame(encode_frame(_draft(128, 1024)).tobytes(), LIMITS).message.tokens.shape == (128,)
+    assert Limits(max_draft_width=2048).max_draft_width == 2048

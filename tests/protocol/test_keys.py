@@ -130,3 +130,23 @@ def test_cli_generate_show_allow(cli: typer.Typer, tmp_path: Path) -> None:
     twice = runner.invoke(cli, ["keys", "allow", str(keys.public), "--allowlist", str(allowlist)])
     assert "already allowed" in twice.output
 
+
+
+def test_cli_generate_takes_the_directory_as_an_argument(cli: typer.Typer, tmp_path: Path) -> None:
+    """`tether keys generate DIR` as the docs write it; `--out DIR` stays as an alias; both at once must agree."""
+    runner = CliRunner()
+    result = runner.invoke(cli, ["keys", "generate", str(tmp_path / "a" / "server")])
+    assert result.exit_code == 0, result.output
+    assert KeyPair.load(tmp_path / "a" / "server").public.fingerprint in result.output
+    same = runner.invoke(cli, ["keys", "generate", str(tmp_path / "b"), "--out", str(tmp_path / "b")])
+    assert same.exit_code == 0 and (tmp_path / "b" / "public.key").is_file()
+    both = runner.invoke(cli, ["keys", "generate", str(tmp_path / "c"), "--out", str(tmp_path / "d")])
+    assert both.exit_code == 2 and "give the directory once" in both.output
+    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
+
+
+def test_missing_private_key_names_the_command_that_creates_it(tmp_path: Path) -> None:
+    with pytest.raises(KeyFileError, match=r"create one: tether keys generate '.*/my keys'\)$"):
+        KeyPair.load(tmp_path / "my keys")
+    with pytest.raises(KeyFileError, match=rf"create one: tether keys generate {tmp_path}/srv\)$"):
+        KeyPair.load(tmp_path / "srv" / "private.key")

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from protocolkit import RawClient
+from tether.protocol._transport import message_size
 from tether.protocol import (
     Appended,
     AppendTokens,
@@ -29,7 +30,7 @@ from tether.protocol import (
     CloseSession,
     ErrorCode,
     Generate,
-    GenerateChunk,
+    Generated,
     KeepaliveTimeout,
     KeyPair,
     Limits,
@@ -82,7 +83,7 @@ class Service:
         for i in range(message.max_new_tokens):
             await asyncio.sleep(0)
             last = i == message.max_new_tokens - 1
-            yield GenerateChunk(session_id=message.session_id, length=i + 1, tokens=[i],
+            yield Generated(session_id=message.session_id, length=i + 1, tokens=[i],
                                 finish_reason="length" if last else None)
 
 
@@ -274,7 +275,7 @@ async def test_oversize_frame_closes_with_its_code(live_server: Any, server_keys
     _assert_closed_and_logged(caplog, CloseCode.FRAME_TOO_LARGE)
     # Far past the limit, the websocket layer refuses the message before it is buffered.
     raw = await RawClient.open(server.url, client_keys, server_keys.public)
-    await raw.send(bytes(64 * 1024 + 28 + 1024 * 1024 + 1))
+    await raw.send(bytes(message_size(64 * 1024) + 1024 * 1024 + 1))
     assert await raw.close_code() == CloseCode.MESSAGE_TOO_BIG
     await _serves_normally(server, client_keys, server_keys)
 
@@ -360,8 +361,8 @@ async def test_garbage_and_downgrades_before_the_handshake(live_server: Any, ser
     first = ClientProtocol(client_keys, server_keys.public, pattern="IK").data_to_send()[0]
     cases = [
         (b"GET / HTTP/1.1\r\n", CloseCode.HANDSHAKE_FAILED),
-        (PREAMBLE.pack(b"TTHR", 2, 2, 0) + first[8:], CloseCode.UNSUPPORTED_VERSION),
-        (PREAMBLE.pack(b"TTHR", 1, 1, 0) + first[8:], CloseCode.HANDSHAKE_FAILED),  # IK rewritten as XX
+        (PREAMBLE.pack(b"TTHR", 1, 2, 0) + first[8:], CloseCode.UNSUPPORTED_VERSION),  # version 1
+        (PREAMBLE.pack(b"TTHR", 2, 1, 0) + first[8:], CloseCode.HANDSHAKE_FAILED),  # IK rewritten as XX
         (bytes(first[:-1]) + bytes([first[-1] ^ 1]), CloseCode.HANDSHAKE_FAILED),
     ]
     for data, code in cases:

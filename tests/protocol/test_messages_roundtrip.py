@@ -10,8 +10,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from tether.contract import InvalidRequest
 from tether.protocol import (
     CATALOGUE,
+    BadMetadata,
     FLAG_END,
     AppendTokens,
     Appended,
@@ -25,10 +27,10 @@ from tether.protocol import (
     ErrorCode,
     ErrorReply,
     Generate,
-    GenerateChunk,
+    Generated,
     Goodbye,
     Hello,
-    HiddenResult,
+    HiddenContinued,
     InvalidMessage,
     Limits,
     Message,
@@ -45,7 +47,7 @@ from tether.protocol import (
     SessionOpened,
     Tensor,
     VerifyDraft,
-    VerifyResult,
+    Verified,
     Welcome,
     decode_frame,
     encode_frame,
@@ -110,20 +112,20 @@ def scores(draw: st.DrawFn) -> Scores:
 
 
 @st.composite
-def hidden_results(draw: st.DrawFn) -> HiddenResult:
+def hidden_results(draw: st.DrawFn) -> HiddenContinued:
     indices, logprobs = draw(top_k_pair(None))
-    return HiddenResult(session_id=draw(session), next_token=draw(nonneg), length=draw(nonneg),
+    return HiddenContinued(session_id=draw(session), next_token=draw(nonneg), length=draw(nonneg),
                         finish_reason=draw(finish), top_indices=indices, top_logprobs=logprobs)
 
 
 @st.composite
 def hidden_requests(draw: st.DrawFn) -> ContinueHidden:
-    compression = draw(st.sampled_from(["none", "fp16", "bf16", "int8", "int4"]))
+    compression = draw(st.sampled_from(["fp32", "fp16", "bf16", "int8", "int4"]))
     n = draw(st.integers(1, 5))
     d = draw(st.sampled_from([32, 64])) if compression == "int4" else draw(st.integers(1, 9))
     values = draw(float_arrays((n, d)))
     hidden = {
-        "none": lambda: Tensor.from_numpy(values),
+        "fp32": lambda: Tensor.from_numpy(values),
         "fp16": lambda: Tensor.from_numpy(values.astype(np.float16)),
         "bf16": lambda: Tensor.bfloat16(values),
         "int8": lambda: Tensor.int8_rowwise(values),
@@ -158,17 +160,17 @@ STRATEGIES: dict[type[Message], st.SearchStrategy[Message]] = {
     AppendTokens: st.builds(AppendTokens, session_id=session, tokens=token_arrays()),
     Appended: st.builds(Appended, session_id=session, length=nonneg),
     VerifyDraft: verify_drafts(),
-    VerifyResult: st.builds(VerifyResult, session_id=session, accepted=nonneg, next_token=nonneg, length=nonneg,
+    Verified: st.builds(Verified, session_id=session, accepted=nonneg, next_token=nonneg, length=nonneg,
                             finish_reason=finish),
     ScoreTokens: st.builds(ScoreTokens, session_id=session, top_k=st.integers(0, 1024), append=st.booleans(),
                            include_next=st.booleans(), tokens=token_arrays()),
     Scores: scores(),
     Generate: st.builds(Generate, session_id=session, max_new_tokens=st.integers(1, 10**6),
                         stop_tokens=st.lists(nonneg, max_size=3).map(tuple), sampling=st.none() | sampling),
-    GenerateChunk: st.builds(GenerateChunk, session_id=session, length=nonneg, finish_reason=finish,
+    Generated: st.builds(Generated, session_id=session, length=nonneg, finish_reason=finish,
                              tokens=token_arrays()),
     ContinueHidden: hidden_requests(),
-    HiddenResult: hidden_results(),
+    HiddenContinued: hidden_results(),
     Chat: st.builds(Chat, messages=chat_messages, model=st.none() | text, session_id=st.none() | session,
                     max_tokens=st.integers(1, 10**5), sampling=sampling, seed=st.none() | i64, stream=st.booleans()),
     ChatChunk: st.builds(ChatChunk, text=text, finish_reason=finish, prompt_tokens=st.none() | nonneg,
@@ -217,11 +219,7 @@ def test_token_lists_become_int32_arrays() -> None:
         (lambda: AppendTokens(session_id="s", tokens=np.zeros((2, 2), np.int32)),
          "AppendTokens.tokens: expected 1 dimensions, got 2"),
         (lambda: AppendTokens(session_id="", tokens=[1]), "AppendTokens.session_id must be 1..128 characters"),
-        (lambda: SamplingParams(top_p=0.0), "SamplingParams.top_p must be in (0, 1], got 0.0"),
-        (lambda: SamplingParams(temperature=-1), "SamplingParams.temperature must be in [0, 100], got -1.0"),
         (lambda: Generate(session_id="s", max_new_tokens=0), "Generate.max_new_tokens must be >= 1, got 0"),
-        (lambda: ChatMessage(role="root", content="x"),
-         "ChatMessage.role must be one of ('system', 'user', 'assistant', 'tool'), got 'root'"),
         (lambda: Rollback(session_id="s", length=True), "Rollback.length: expected an integer, got bool"),
         (lambda: VerifyDraft(session_id="s", tokens=[1], draft_indices=np.array([[2]], np.int32),
                              draft_probs=np.array([[1.0]], np.float32)),
@@ -244,6 +242,36 @@ def test_messages_validate_when_built(build: Any, text: str) -> None:
     assert str(info.value) == text
 
 
+@pytest.mark.parametrize(
+    ("build", "text"),
+    [
+        (lambda: SamplingParams(top_p=0.0), "top_p must be in (0, 1] (1 disables it), got 0.0"),
+        (lambda: SamplingParams(temperature=-1), "temperature must be a finite number in [0, 100], got -1"),
+        (lambda: SamplingParams(temperature=150.0), "temperature must be a finite number in [0, 100], got 150.0"),
+        (lambda: ChatMessage(role="root", content="x"),
+         "chat role must be one of ('system', 'user', 'assistant', 'tool'), got 'root'"),
+    ],
+)
+def test_embedded_contract_values_validate_with_the_contract_rule(build: Any, text: str) -> None:
+    """The wire's nested values are the contract's classes: one rule, the contract's error."""
+    with pytest.raises(InvalidRequest) as info:
+        build()
+    assert str(info.value) == text
+
+
+def test_decoded_sampling_outside_the_rule_is_bad_metadata() -> None:
+    """A peer's out-of-range temperature fails decoding with BadMetadata naming the path."""
+    frame_meta = OpenSession(model="m")._to_metadata()
+    frame_meta["sampling"] = {"temperature": 150.0, "top_p": 1.0, "top_k": 0}
+    with pytest.raises(BadMetadata, match=r"OpenSession\.sampling: temperature must be a finite number in \[0, 100\]"):
+        OpenSession._from_metadata(frame_meta, "OpenSession", True)
+
+
+def test_the_seed_travels_beside_the_sampling_object() -> None:
+    with pytest.raises(InvalidMessage, match="pass the seed as OpenSession.seed"):
+        OpenSession(model="m", sampling=SamplingParams(seed=3))
+
+
 def test_messages_are_frozen_and_hide_tokens() -> None:
     hello = Hello(client="c", token="very-secret")
     assert "very-secret" not in repr(hello)
@@ -260,10 +288,10 @@ def test_request_reply_table() -> None:
     assert requests == {
         "OpenSession": ("SessionOpened", False),
         "AppendTokens": ("Appended", False),
-        "VerifyDraft": ("VerifyResult", False),
+        "VerifyDraft": ("Verified", False),
         "ScoreTokens": ("Scores", False),
-        "Generate": ("GenerateChunk", True),
-        "ContinueHidden": ("HiddenResult", False),
+        "Generate": ("Generated", True),
+        "ContinueHidden": ("HiddenContinued", False),
         "Chat": ("ChatChunk", True),
         "Rollback": ("RolledBack", False),
         "CloseSession": ("SessionClosed", False),

@@ -12,12 +12,17 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from noise.connection import Keypair as NoiseKeypair
 from noise.connection import NoiseConnection
 
-from tether.protocol import HandshakeError, KeyPair, UsageError
+import numpy as np
+
+from tether.protocol import AppendTokens, ClientProtocol, HandshakeError, KeyPair, UsageError, Welcome
 from tether.protocol._cipher import MAX_NONCE, CipherState, hkdf
+from tether.protocol._frames import decode_frame, encode_frame
 from tether.protocol._handshake import PROLOGUE_PREFIX, client_handshake, preamble, server_handshake
 from tether.protocol._limits import Limits
 from tether.protocol._messages import Hello
 from tether.protocol._noise import PATTERNS, HandshakeState, public_bytes
+from tether.protocol._session import State
+from tether.protocol._transport import MAX_CHUNK, RECORD_HEADER
 
 HERE = Path(__file__).parent
 pytestmark = pytest.mark.filterwarnings("ignore:One of ephemeral keypairs")
@@ -180,9 +185,9 @@ def test_prologue_mismatch_fails_the_handshake() -> None:
 
 def test_flows_with_different_prologue_prefix_fail() -> None:
     client, server = KeyPair.generate(), KeyPair.generate()
-    flow = client_handshake(client, server.public, Hello(), pattern="IK", prologue_prefix=b"tether-noise-v0\x00")
+    flow = client_handshake(client, server.public, pattern="IK", prologue_prefix=b"tether-noise-v0\x00")
     first = next(flow)
-    responder = server_handshake(server, limits=Limits())
+    responder = server_handshake(server)
     next(responder)
     with pytest.raises(HandshakeError):
         responder.send(first)
@@ -221,3 +226,60 @@ def test_handshake_state_enforces_turns() -> None:
     with pytest.raises(UsageError, match="not this side's turn"):
         state.read_message(b"\x00" * 32)
     assert len(public_bytes(keys.private_key)) == 32
+
+
+def _records(message: bytes | bytearray) -> list[bytes]:
+    """The Noise transport messages (ciphertexts) of one websocket message, in order."""
+    out, pos = [], 0
+    while pos < len(message):
+        _, length = RECORD_HEADER.unpack_from(message, pos)
+        out.append(bytes(message[pos + RECORD_HEADER.size : pos + RECORD_HEADER.size + length]))
+        pos += RECORD_HEADER.size + length
+    return out
+
+
+@pytest.mark.parametrize("pattern", ["XX", "IK"])
+def test_noiseprotocol_server_reads_the_token_from_the_first_transport_record(pattern: str) -> None:
+    """A server built on `noiseprotocol`'s public API: IK message 1 carries only a 12-byte
+    timestamp, XX message 3 nothing; the Hello with the token is the first transport record,
+    and a frame larger than one Noise message arrives as records it can decrypt one by one."""
+    client_keys, server_keys = KeyPair.generate(), KeyPair.generate()
+    client = ClientProtocol(client_keys, server_keys.public, pattern=pattern, token="s3cret-token")
+    theirs = _noise(pattern, initiator=False, static=server_keys, prologue=PROLOGUE_PREFIX + preamble(pattern))
+    (first,) = client.data_to_send()
+    payload = theirs.read_message(first[8:])
+    if pattern == "IK":
+        assert len(payload) == 12 and int.from_bytes(payload[:8], "big") >= 2**62  # TAI64N
+    else:
+        assert payload == b""
+    assert b"s3cret-token" not in bytes(first)
+    client.receive_data(theirs.write_message(b""))
+    out = client.data_to_send()
+    if pattern == "XX":
+        assert theirs.read_message(out.pop(0)) == b""  # message 3: no payload
+    assert theirs.handshake_finished
+    (hello_record,) = out
+    (ciphertext,) = _records(hello_record)
+    hello = decode_frame(theirs.decrypt(ciphertext), Limits()).message
+    assert isinstance(hello, Hello) and hello.token == "s3cret-token"
+    # Welcome from the noiseprotocol side, one record: the client opens.
+    welcome = encode_frame(Welcome(server="theirs", capabilities=(), models=(), max_frame_bytes=1 << 25,
+                                   max_metadata_bytes=1 << 20, max_tensor_elements=1 << 24, max_in_flight=8,
+                                   keepalive_interval=20.0)).tobytes()
+    client.receive_data(RECORD_HEADER.pack(0, len(welcome) + 16) + theirs.encrypt(welcome))
+    assert client.state is State.OPEN
+    # A 160 KB frame each way, read and written with nothing but the library's public API.
+    big = AppendTokens(session_id="s", tokens=np.arange(40_000, dtype=np.int32))
+    client.send_request(big)
+    (message,) = client.data_to_send()
+    ciphertexts = _records(message)
+    assert len(ciphertexts) == 3 and max(len(c) for c in ciphertexts) == 65_535
+    plain = b"".join(theirs.decrypt(c) for c in ciphertexts)
+    frame = decode_frame(plain, Limits())
+    assert frame.message == big and frame.request_id == 1
+    assert client.transport is not None
+    reply = encode_frame(big, request_id=1).tobytes()  # any large frame, to the client's transport
+    chunks = [reply[i : i + MAX_CHUNK] for i in range(0, len(reply), MAX_CHUNK)]
+    down = b"".join(RECORD_HEADER.pack(n, len(c) + 16) + theirs.encrypt(c) for n, c in enumerate(chunks, start=1))
+    opened = client.transport.open(down)
+    assert opened is not None and opened.message == big

@@ -20,7 +20,7 @@ from tether.protocol import (
     ErrorCode,
     ErrorReply,
     Generate,
-    GenerateChunk,
+    Generated,
     GoodbyeReceived,
     HandshakeComplete,
     HandshakeError,
@@ -70,8 +70,11 @@ def test_handshake_then_request_and_reply(server_keys: KeyPair, client_keys: Key
 
 
 def test_handshake_message_count(server_keys: KeyPair, client_keys: KeyPair) -> None:
-    """IK: client msg1, server msg2 + Welcome. XX: msg1, msg2, msg3, Welcome."""
-    for pattern, expected in (("IK", [1, 2]), ("XX", [1, 1, 1, 1])):
+    """IK: msg1, msg2, Hello record, Welcome. XX: msg1, msg2, msg3 + Hello record, Welcome.
+
+    The client's Hello is its first transport record in both patterns (forward secret, and
+    its proof of liveness), so the server answers with the Welcome only after it."""
+    for pattern, expected in (("IK", [1, 1, 1, 1]), ("XX", [1, 1, 2, 1])):
         pair = make_pair(server_keys, client_keys, pattern=pattern, pump=False)
         counts = []
         while pair.client.state is State.HANDSHAKE:
@@ -106,13 +109,13 @@ def test_streaming_replies_and_end_flag(pair: Pair) -> None:
     pair.pump()
     for i in range(3):
         last = i == 2
-        chunk = GenerateChunk(session_id="s", length=i, tokens=[i], finish_reason="length" if last else None)
+        chunk = Generated(session_id="s", length=i, tokens=[i], finish_reason="length" if last else None)
         pair.server.send_reply(request_id, chunk, end=last)
     pair.pump()
     replies, _ = pair.take()
     assert [r.end for r in replies] == [False, False, True]
     with pytest.raises(UsageError, match="is not open"):
-        pair.server.send_reply(request_id, GenerateChunk(session_id="s", length=0, tokens=[]))
+        pair.server.send_reply(request_id, Generated(session_id="s", length=0, tokens=[]))
 
 
 def test_non_streaming_request_cannot_get_chunks(pair: Pair) -> None:
@@ -276,10 +279,10 @@ def test_preamble_version_and_pattern_are_checked(server_keys: KeyPair, client_k
     client = ClientProtocol(client_keys, server_keys.public, pattern="IK")
     (first,) = client.data_to_send()
     for patch, error, text in (
-        (PREAMBLE.pack(b"TTHR", 2, 2, 0), VersionMismatch, "client offers protocol version 2; this server speaks 1"),
-        (PREAMBLE.pack(b"TTHR", 1, 9, 0), VersionMismatch, "handshake pattern 9 is not offered by this server"),
-        (PREAMBLE.pack(b"HTTP", 1, 2, 0), HandshakeError, "not a tether handshake"),
-        (PREAMBLE.pack(b"TTHR", 1, 1, 0), HandshakeError, "unexpected payload in handshake message 1"),
+        (PREAMBLE.pack(b"TTHR", 1, 2, 0), VersionMismatch, "client offers protocol version 1; this server speaks 2"),
+        (PREAMBLE.pack(b"TTHR", 2, 9, 0), VersionMismatch, "handshake pattern 9 is not offered by this server"),
+        (PREAMBLE.pack(b"HTTP", 2, 2, 0), HandshakeError, "not a tether handshake"),
+        (PREAMBLE.pack(b"TTHR", 2, 1, 0), HandshakeError, "unexpected payload in handshake message 1"),
     ):
         server = ServerProtocol(server_keys)
         with pytest.raises(error) as info:

@@ -22,7 +22,7 @@ from tether.protocol import (
 )
 from tether.protocol._cipher import CipherState
 from tether.protocol._frames import encode_frame
-from tether.protocol._transport import RECORD_HEADER, RECORD_OVERHEAD, Transport
+from tether.protocol._transport import MAX_CHUNK, RECORD_HEADER, RECORD_OVERHEAD, Transport, message_size
 
 
 def transports(limits: Limits | None = None, rekey: RekeyPolicy | None = None) -> tuple[Transport, Transport]:
@@ -82,7 +82,9 @@ def test_replay_reorder_truncation_and_oversize() -> None:
         b3.open(bytes(r0[:20]))
     with pytest.raises(FrameTruncated, match=r"^record of 5 bytes is shorter than its declared 12 bytes$"):
         b3.open(bytes(r0[:5]))
-    oversize = RECORD_HEADER.pack(0, 4096 + 16 + 1) + bytes(100)
+    # The frame size follows from the message length (28 bytes of overhead per record),
+    # checked before any record is read.
+    oversize = RECORD_HEADER.pack(0, 4096 + 16 + 1) + bytes(4096 + 16 + 1)
     with pytest.raises(FrameTooLarge, match=r"^frame of 4097 bytes exceeds the limit of 4096 bytes$"):
         b3.open(oversize)
     assert second and third
@@ -124,3 +126,54 @@ def test_after_rekey_old_key_records_fail() -> None:
     stale_counter = RECORD_HEADER.pack(1, len(stale) - RECORD_HEADER.size)
     with pytest.raises(FrameTampered):
         b.open(stale_counter + bytes(stale[RECORD_HEADER.size :]))
+
+
+def _records(message: bytes | bytearray) -> list[tuple[int, bytes]]:
+    """(counter, ciphertext) of each record in one websocket message."""
+    out, pos = [], 0
+    while pos < len(message):
+        counter, length = RECORD_HEADER.unpack_from(message, pos)
+        out.append((counter, bytes(message[pos + RECORD_HEADER.size : pos + RECORD_HEADER.size + length])))
+        pos += RECORD_HEADER.size + length
+    return out
+
+
+BIG = AppendTokens(session_id="s", tokens=np.arange(40_000, dtype=np.int32))  # a 160,072-byte frame
+
+
+def test_a_frame_over_one_noise_message_spans_full_records() -> None:
+    """Every ciphertext is a valid Noise transport message (<= 65,535 bytes); all records
+    but the last are full, so the count follows from the size; counters run on."""
+    a, b = transports()
+    encoded = encode_frame(BIG, request_id=7)
+    (message,) = a.seal(encoded)
+    records = _records(message)
+    assert MAX_CHUNK == 65_519
+    assert [len(c) for _, c in records] == [65_535, 65_535, encoded.size - 2 * MAX_CHUNK + 16]
+    assert [n for n, _ in records] == [0, 1, 2]
+    assert len(message) == message_size(encoded.size) == encoded.size + 3 * RECORD_OVERHEAD
+    frame = b.open(message)
+    assert frame is not None and frame.message == BIG and frame.request_id == 7
+    assert a.send_counter == b.receive_counter == 3 == a.records_sent == b.records_received
+    (after,) = a.seal(encode_frame(Ping(), request_id=8))
+    assert _records(after)[0][0] == 3 and b.open(after) is not None
+
+
+def test_a_multi_record_frame_cut_or_spliced_is_refused() -> None:
+    a, _ = transports()
+    (message,) = a.seal(encode_frame(BIG))
+    full = RECORD_HEADER.size + 65_535
+    _, b = transports()
+    with pytest.raises(FrameReordered, match=r"^record counter 2 arrived before 1$"):
+        b.open(message[:full] + message[2 * full :])  # the middle record dropped
+    _, b = transports()
+    with pytest.raises(FrameTruncated):
+        b.open(message[: len(message) - 1])  # the last record cut short
+    _, b = transports()
+    short = bytearray(message)
+    RECORD_HEADER.pack_into(short, 0, 0, 65_534)  # a record that is not full before the last
+    with pytest.raises(ProtocolError, match="^record 0 declares 65534 bytes but 65535 follow$"):
+        b.open(short)
+    _, b = transports()
+    with pytest.raises(ProtocolError, match="^frame of 131038 bytes disagrees with the 160072 bytes its header"):
+        b.open(message[: 2 * full])  # cut at a record boundary: the frame header says more

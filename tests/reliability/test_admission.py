@@ -20,6 +20,7 @@ from tether.protocol import (
     OpenSession,
     PeerClosed,
     RemoteError,
+    TooManyConnections,
     UsageError,
     connect,
 )
@@ -53,10 +54,10 @@ async def test_server_wide_connection_limit_refuses_before_the_handshake(cloud_s
 async def test_per_client_connection_limit_closes_with_4060(cloud_server, server_keys, client_keys) -> None:  # type: ignore[no-untyped-def]
     server = await cloud_server(max_connections_per_client=2)
     mine = [await _open(server.url, client_keys, server_keys) for _ in range(2)]
-    third = await _open(server.url, client_keys, server_keys)  # the handshake proves who it is first
-    with pytest.raises(PeerClosed) as refused:
-        await third.request(OpenSession(model=MODEL), timeout=5)
-    assert refused.value.code == CloseCode.TOO_MANY_CONNECTIONS == 4060
+    # Refused after the Hello (the client proved who it is) and before the Welcome: connect() raises.
+    with pytest.raises(TooManyConnections) as refused:
+        await _open(server.url, client_keys, server_keys)
+    assert refused.value.close_code == CloseCode.TOO_MANY_CONNECTIONS == 4060
     # Another client is admitted, and this client's first two connections still work.
     other = await _open(server.url, KeyPair.generate(), server_keys)
     await other.request(OpenSession(model=MODEL))

@@ -228,6 +228,8 @@ async def test_client_that_stops_reading_does_not_stall_others(cloud_server, ser
         await hog.ws.send(record)
     while hog.protocol.state.name == "HANDSHAKE":
         hog.protocol.receive_data(await hog.ws.recv())
+        for record in hog.protocol.data_to_send():  # the Hello, after message 2
+            await hog.ws.send(record)
     opened = await hog.request(OpenSession(model="tiny-cloud", prompt=np.arange(1, 400, dtype=np.int32) % 250))
     sid = opened.session_id  # type: ignore[attr-defined]
     # Ask for ~1 MB replies and never read them: the server must stop reading this client.

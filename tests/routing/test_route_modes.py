@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from tether.edge import EdgeClient, InProcessCloud, Origin
+from tether.edge import MODE_REGISTRY, EdgeClient, InProcessCloud, Origin
 from tether.edge.route._strategies import RoutingStats
 from tether.errors import ConfigurationError
 from tether.routing import (
@@ -24,7 +24,9 @@ from tether.routing import (
     RoutingOptions,
     SignalRouter,
     calibrate_cloud_fraction,
+    cloud_fraction,
 )
+from tether.routing._calibration import builtin_scores
 
 
 def greedy_next(hf_model, ids: list[int]) -> int:  # type: ignore[no-untyped-def]
@@ -109,13 +111,48 @@ async def test_route_token_cloud_fraction_from_calibration(edge_model, cloud_man
     calibrate_cloud_fraction(router, np.linspace(0.0, 1.0, 101), 0.5)
     opts = RoutingOptions(token_router=router, cloud_fraction=0.25)
     assert opts.resolve_token()[1] == pytest.approx(0.25, abs=0.01)
+    # The default routers ship calibration scores: a fraction needs no calibration step.
+    shipped = builtin_scores("token", "confidence")
+    assert shipped is not None
+    assert cloud_fraction(shipped, RoutingOptions(cloud_fraction=0.2).resolve_token()[1]) == pytest.approx(0.2, abs=0.02)
     with pytest.raises(ConfigurationError, match="holds no calibration scores"):
-        RoutingOptions(cloud_fraction=0.2).resolve_token()
+        RoutingOptions(query_router=SignalRouter(draft_tokens=4), cloud_fraction=0.2).resolve_query()
     with pytest.raises(ConfigurationError, match="not both"):
         RoutingOptions(threshold=0.1, cloud_fraction=0.2)
     client = EdgeClient(edge_model, InProcessCloud(cloud_manager))
-    with pytest.raises(ConfigurationError, match="has no threshold"):
-        client.stream("x", mode="route-token")
+    # No threshold, fraction or saved threshold: the default router runs at the mode's default.
+    r = await client.generate("x", mode="route-token", max_new_tokens=2)
+    assert r.stats.threshold == MODE_REGISTRY["route-token"].default_threshold  # type: ignore[attr-defined]
+    with pytest.raises(ConfigurationError, match="has no threshold"):  # not on another router's scale
+        client.stream("x", mode="route-token", routing=RoutingOptions(token_router=ConfidenceTokenRouter()))
+
+
+class CountingCloud:
+    """A connector that counts the cloud sessions opened through it."""
+
+    def __init__(self, inner: InProcessCloud) -> None:
+        self.inner, self.sessions = inner, 0
+
+    async def new_session(self):  # type: ignore[no-untyped-def]
+        self.sessions += 1
+        return await self.inner.new_session()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@pytest.mark.parametrize("mode", ["route-query", "route-token"])
+async def test_cloud_fraction_zero_and_one_out_of_the_box(edge_model, cloud_manager, mode: str) -> None:  # type: ignore[no-untyped-def]
+    """f=0 keeps everything on the edge without opening a cloud session; f=1 sends everything."""
+    cloud = CountingCloud(InProcessCloud(cloud_manager))
+    client = EdgeClient(edge_model, cloud)  # type: ignore[arg-type]
+    none = await client.generate("hello routing", mode=mode, max_new_tokens=8,  # type: ignore[arg-type]
+                                 routing=RoutingOptions(cloud_fraction=0.0))
+    assert set(none.origins) == {Origin.EDGE_ROUTED} and cloud.sessions == 0
+    everything = await client.generate("hello routing", mode=mode, max_new_tokens=8,  # type: ignore[arg-type]
+                                       routing=RoutingOptions(cloud_fraction=1.0))
+    assert Origin.EDGE_ROUTED not in everything.origins and cloud.sessions == 1
+    assert everything.stats.cloud_token_fraction == 1.0  # type: ignore[attr-defined]
 
 
 async def test_route_query_edge_and_cloud(edge_model, cloud_manager) -> None:  # type: ignore[no-untyped-def]
@@ -130,6 +167,8 @@ async def test_route_query_edge_and_cloud(edge_model, cloud_manager) -> None:  #
     assert isinstance(s, RoutingStats) and s.route == "edge" and s.query_score is not None
     assert set(to_edge.origins) == {Origin.EDGE_ROUTED} and s.cloud_token_fraction == 0.0
     assert s.cloud_forward_passes == 0
+    # The probe's state is adopted by the edge chain: no token is run twice.
+    assert s.edge_forward_passes == edge.stats.edge_forward_passes
     to_cloud = await client.generate("which way", mode="route-query", max_new_tokens=12,
                                      routing=RoutingOptions(query_router=router, threshold=math.inf))
     assert to_cloud.token_ids == cloud.token_ids

@@ -67,8 +67,34 @@ def test_decide_is_cloud_below_threshold() -> None:
 def test_no_threshold_is_a_configuration_error() -> None:
     with pytest.raises(ConfigurationError, match="has no threshold"):
         SignalRouter().decide_score(0.0)
+    # The shipped scores were measured with 16-token drafts; another draft length has none.
     with pytest.raises(ConfigurationError, match="holds no calibration scores"):
-        SignalRouter().threshold_for_fraction(0.3)
+        SignalRouter(draft_tokens=4).threshold_for_fraction(0.3)
+
+
+@pytest.mark.parametrize("router", [SignalRouter(), SignalRouter("prompt_logprob"), SignalRouter("draft_mean_margin"),
+                                    ConfidenceTokenRouter(), MarginTokenRouter()], ids=repr)
+def test_builtin_routers_ship_calibration_scores(router: Router) -> None:
+    """A cloud fraction works out of the box: the shipped scores give a threshold sending that share."""
+    from tether.routing import cloud_fraction
+    from tether.routing._calibration import builtin_scores
+
+    level, name = ("query", router.signal) if isinstance(router, SignalRouter) else ("token", router.kind)
+    scores = builtin_scores(level, name)
+    assert scores is not None and scores.size >= 100 and np.all(np.diff(scores) >= 0)
+    assert scores[0] < scores[-1]  # a real spread, not a constant
+    for f in (0.1, 0.3, 0.7):
+        assert cloud_fraction(scores, router.threshold_for_fraction(f)) == pytest.approx(f, abs=0.02)
+    assert router.threshold_for_fraction(0.0) == -math.inf and router.threshold_for_fraction(1.0) == math.inf
+    # A router's own calibration takes precedence over the shipped scores.
+    calibrate_cloud_fraction(router, np.linspace(10.0, 20.0, 101), 0.5)
+    assert router.threshold_for_fraction(0.5) == pytest.approx(15.0, abs=0.1)
+
+
+def test_random_routers_calibrate_analytically() -> None:
+    for router in (RandomRouter(), RandomTokenRouter()):
+        assert router.threshold_for_fraction(0.25) == pytest.approx(0.25, abs=1e-3)
+        assert router.threshold_for_fraction(0.0) == -math.inf and router.threshold_for_fraction(1.0) == math.inf
 
 
 def test_signal_router_reads_the_probe() -> None:

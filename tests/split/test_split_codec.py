@@ -98,8 +98,8 @@ def test_every_codec_crosses_a_frame() -> None:
     x = hidden_rows(4, 64)
     for name in COMPRESSIONS:
         tensor = get_codec(name).encode(x)
-        wire = {"fp32": "none"}.get(name, name)
-        raw = encode_frame(ContinueHidden(session_id="s", layer=3, compression=wire, hidden=tensor)).tobytes()
+        # One vocabulary: the edge's codec name is the wire's compression name.
+        raw = encode_frame(ContinueHidden(session_id="s", layer=3, compression=name, hidden=tensor)).tobytes()
         back = decode_frame(raw, Limits()).message.hidden
         assert back == tensor and np.array_equal(back.numpy(), tensor.numpy())
 

@@ -325,3 +325,25 @@ async def test_confirmed_exit_needs_both_heads_to_agree(edge_model, manager, spl
 def test_exit_confirm_needs_an_exit_head() -> None:
     with pytest.raises(ConfigurationError, match="exit_confirm needs an exit_head to confirm"):
         SplitOptions(exit_threshold=0.9, exit_confirm=True)
+
+
+async def test_split_ends_at_the_cloud_sessions_max_tokens(edge_model, split_runtime) -> None:  # type: ignore[no-untyped-def]
+    """Reaching max_tokens is the end of the text ("length"), not a dropped link; a longer prompt is refused first."""
+    from tether.cloud._config import CloudConfig
+    from tether.cloud._manager import SessionManager
+    from tether.edge import ContextLengthExceeded, ResilienceOptions
+
+    prompt = "hello split world"
+    n_prompt = len(build_prompt(edge_model.tokenizer, prompt, chat_template=None, system=None))
+    async with SessionManager(split_runtime, config=CloudConfig(batch_window_s=0.0, max_tokens=n_prompt + 5)) as m:
+        async with EdgeClient(edge_model, InProcessCloud(m), mode="split",
+                              resilience=ResilienceOptions(on_disconnect="raise"),
+                              split=SplitOptions(split_layer=2, compression="fp32")) as client:
+            r = await client.generate(prompt, max_new_tokens=20)
+            expected = reference_greedy(split_runtime, ids_of(client, prompt), 5, edge_model.eos_token_ids)
+            assert list(r.token_ids) == expected
+            if len(expected) == 5:
+                assert r.finish_reason == "length"
+            assert not r.stats.degraded and r.stats.link_failures == 0
+            with pytest.raises(ContextLengthExceeded, match=f"holds at most {n_prompt + 5}"):
+                await client.generate(prompt + "x" * 6, max_new_tokens=4)

@@ -16,48 +16,51 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from tether.cli._generate import ORIGIN_STYLES as _GENERATE_STYLES
+from tether.cli import _options as opt
+from tether.cli._options import ModeCommand, ModeKnobs, Settings, fail, open_client, validate
 
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType
     from rich.text import Text
 
-    from tether.edge import Client, GenerationStats
-
-#: Colour of each `Origin` value (the four of `tether generate`, plus routing and split ones).
-ORIGIN_STYLES: dict[str, str] = {**_GENERATE_STYLES, "edge-routed": "yellow", "edge-exit": "blue"}
-
-ORIGIN_LABELS: dict[str, str] = {
-    "edge-accepted": "edge, accepted by the cloud",
-    "cloud-corrected": "cloud correction",
-    "cloud-generated": "cloud",
-    "edge-only": "edge alone",
-    "edge-routed": "edge (router kept it)",
-    "edge-exit": "edge early exit",
-}
+    from tether.edge import Client, GenerateOptions, GenerationStats, ModeSpec
 
 #: What `tether chat` answers when stdin is not a terminal and no --prompt is given.
 DEMO_PROMPT = "Write a Python function that checks whether a number is prime."
 
-#: Starting thresholds for the routing modes (docs/routing.md): route-query compares the
-#: edge's mean draft log-probability, route-token the edge's top-token probability.
-DEFAULT_THRESHOLDS: dict[str, float] = {"route-query": -0.35, "route-token": 0.6}
-
 #: The conversation keeps at most this many messages (older turns are dropped first).
 MAX_HISTORY_MESSAGES = 20
 
-HELP = """\
-[bold]Commands[/bold]
-  /mode [MODE]        show or switch the mode: speculative, route-query, route-token, split, edge, cloud
-  /threshold [VALUE]  show or set the threshold of the current mode
-                      (route-query: mean draft log-prob, default -0.35; route-token: edge top-token
-                      probability, default 0.6; split: early-exit confidence in (0, 1], or 'off')
-  /stats              the last answer's statistics and the session's totals
-  /reset              forget the conversation (and the session's totals)
-  /help               this help
-  /quit               leave (or Ctrl-D)
-Ctrl-C stops an answer in progress; the conversation goes on without it.\
-"""
+
+def help_text() -> str:
+    """The slash commands, with the modes and their thresholds from the mode registry."""
+    from tether.edge import MODE_REGISTRY, MODES
+
+    thresholds = "; ".join(
+        f"{s.name}: {s.threshold_help}" + (f", default {s.default_threshold}" if s.default_threshold is not None else "")
+        for s in MODE_REGISTRY.values() if s.threshold_field is not None
+    )
+    return (
+        "[bold]Commands[/bold]\n"
+        f"  /mode [MODE]        show or switch the mode: {', '.join(MODES)}\n"
+        "  /threshold [VALUE]  show or set the threshold of the current mode ('off': the default / none)\n"
+        f"                      ({_escape(thresholds)})\n"
+        "  /stats              the last answer's statistics and the session's totals\n"
+        "  /reset              forget the conversation (and the session's totals)\n"
+        "  /help               this help\n"
+        "  /quit               leave (or Ctrl-D)\n"
+        "Ctrl-C stops an answer in progress; the conversation goes on without it."
+    )
+
+
+def origin_style(origin: str) -> str:
+    """The colour of an origin's value (from the mode registry), "" for an unknown one."""
+    from tether.edge import ORIGIN_STYLES, Origin
+
+    try:
+        return ORIGIN_STYLES[Origin(origin)]
+    except ValueError:
+        return ""
 
 _CONTROL = {c: "\ufffd" for c in (*range(0, 9), *range(11, 32), 127, *range(0x80, 0xA0))}
 _CONTROL[13] = ""
@@ -94,24 +97,28 @@ class Totals:
 
 
 class ChatSession:
-    """One chat: the client, the conversation, the current mode and its thresholds.
+    """One chat: the client, the conversation, the current mode and every mode's settings.
 
     Args:
         client: a blocking `Client` (local or connected).
         console: where everything is printed.
         mode: the starting mode.
-        max_new_tokens, temperature, seed, system: generation settings of every answer.
-        threshold: the starting threshold of a routing mode (None: `DEFAULT_THRESHOLDS`).
+        max_new_tokens, temperature, top_p, top_k, seed, system: generation settings of every answer.
+        settings: every mode's options and thresholds, as `tether chat` validated them
+            (None: the registry's defaults).
+        threshold: the starting mode's threshold (None: as in `settings`).
         link: how the cloud is reached, for the status line (``"in-process"`` or a URL).
     """
 
     def __init__(self, client: Client, console: Console, *, mode: str, max_new_tokens: int,
-                 temperature: float = 0.0, seed: int | None = None, system: str | None = None,
-                 threshold: float | None = None, link: str = "in-process") -> None:
+                 temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+                 system: str | None = None, settings: Settings | None = None, threshold: float | None = None,
+                 link: str = "in-process") -> None:
         self.client, self.console = client, console
-        self.mode = mode
+        self.settings = settings or Settings.defaults(mode)
+        self.mode = self.settings.mode.name
         self.max_new_tokens, self.temperature, self.seed, self.system = max_new_tokens, temperature, seed, system
-        self.thresholds: dict[str, float | None] = {**DEFAULT_THRESHOLDS, "split": None}
+        self.top_p, self.top_k = top_p, top_k
         if threshold is not None:
             self.thresholds[mode] = threshold
         self.link = link
@@ -121,19 +128,29 @@ class ChatSession:
         tok = client.aclient.edge.tokenizer
         self.multi_turn = bool(getattr(tok, "chat_template", None))
 
+    @property
+    def thresholds(self) -> dict[str, float | None]:
+        """The threshold of each mode that has one (None: the default, or off)."""
+        return self.settings.thresholds
+
+    @property
+    def spec(self) -> ModeSpec:
+        """The current mode's registry entry."""
+        from tether.edge import get_mode
+
+        return get_mode(self.mode)
+
     # -- one answer ---------------------------------------------------------------------
 
-    def _kwargs(self) -> dict[str, Any]:
-        from tether.edge import SplitOptions
-        from tether.routing import RoutingOptions
+    def options(self) -> GenerateOptions:
+        """The settings of the next answer: the current mode with its options and threshold."""
+        from tether.edge import GenerateOptions
 
-        kwargs: dict[str, Any] = dict(mode=self.mode, max_new_tokens=self.max_new_tokens,
-                                      temperature=self.temperature, seed=self.seed, system=self.system)
-        if self.mode in DEFAULT_THRESHOLDS:
-            kwargs["routing"] = RoutingOptions(threshold=self.thresholds[self.mode])
-        elif self.mode == "split":
-            kwargs["split"] = SplitOptions(exit_threshold=self.thresholds["split"])
-        return kwargs
+        spec = self.spec
+        mode_options = {spec.options_field: self.settings.options_for(spec.name)} if spec.options_field else {}
+        return GenerateOptions(mode=spec.name, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                               top_p=self.top_p, top_k=self.top_k, seed=self.seed, system=self.system,
+                               **mode_options)
 
     def ask(self, question: str) -> bool:
         """Answer one question, streaming; returns False if it failed or was cancelled.
@@ -147,14 +164,14 @@ class ChatSession:
         answer = _new_text()
         gen = None
         try:
-            gen = self.client.stream(prompt, **self._kwargs())
+            gen = self.client.stream(prompt, self.options())
             with gen:
                 if self.console.is_terminal:
                     self._stream_live(gen, answer)
                 else:
                     for tok in gen:
                         piece = printable(tok.text)
-                        answer.append(piece, style=ORIGIN_STYLES.get(tok.origin.value))
+                        answer.append(piece, style=origin_style(tok.origin.value))
                         self.console.print(_styled(piece, tok.origin.value), end="")
                     self.console.print()
             result = gen.result
@@ -179,7 +196,7 @@ class ChatSession:
         with Live(console=self.console, refresh_per_second=10, transient=True) as live:
             live.update(self._live_view(answer, None))
             for tok in gen:
-                answer.append(printable(tok.text), style=ORIGIN_STYLES.get(tok.origin.value))
+                answer.append(printable(tok.text), style=origin_style(tok.origin.value))
                 live.update(self._live_view(answer, gen.stats))
         self.console.print(answer)
 
@@ -256,7 +273,7 @@ class ChatSession:
         table.add_row("answers", "1" if s else "-", str(t.answers))
         table.add_row("mode", s.mode if s else "-", self.mode + " (now)")
         for origin in origins:
-            style = ORIGIN_STYLES.get(origin, "")
+            style = origin_style(origin)
             table.add_row(f"[{style}]{origin}[/]" if style else origin,
                           str(s.tokens_by_origin.get(origin, 0)) if s else "-", str(t.tokens_by_origin.get(origin, 0)))
         table.add_row("cloud share", _pct(s.cloud_share) if s else "-", _pct(t.cloud_share))
@@ -278,21 +295,21 @@ class ChatSession:
 
     def command(self, line: str) -> bool:
         """Run a slash command; returns False when the chat should end."""
-        from tether.edge import MODES
+        from tether.edge import MODE_REGISTRY, MODES
 
         name, _, arg = line[1:].strip().partition(" ")
         name, arg = name.lower(), arg.strip()
         if name in ("quit", "exit", "q"):
             return False
         if name in ("help", "h", "?"):
-            self.console.print(HELP)
+            self.console.print(help_text())
         elif name == "mode":
             if not arg:
                 self.console.print(f"mode [bold]{self.mode}[/bold] (choose one of {', '.join(MODES)})")
             elif arg not in MODES:
                 self.console.print(f"[red]unknown mode {_escape(arg)!r}[/red]; choose one of {', '.join(MODES)}")
             else:
-                self.mode = arg
+                self.mode = MODE_REGISTRY[arg].name
                 self.console.print(f"mode → [bold]{arg}[/bold]" + self._threshold_note())
         elif name == "threshold":
             self._set_threshold(arg)
@@ -306,32 +323,51 @@ class ChatSession:
         return True
 
     def _threshold_note(self) -> str:
-        if self.mode in self.thresholds:
-            value = self.thresholds[self.mode]
-            return f" (threshold {'off' if value is None else value}; /threshold to change)"
-        return ""
+        spec = self.spec
+        if spec.threshold_field is None:
+            return ""
+        return f" (threshold {self._threshold_text(spec)}; /threshold to change)"
+
+    def _threshold_text(self, spec: ModeSpec) -> str:
+        value = self.thresholds.get(spec.name)
+        if value is not None:
+            return str(value)
+        fraction = getattr(self.settings.options_for(spec.name), "cloud_fraction", None)
+        if fraction is not None:
+            return f"from cloud fraction {fraction}"
+        return "off" if spec.default_threshold is None else f"{spec.default_threshold} (default)"
 
     def _set_threshold(self, arg: str) -> None:
-        if self.mode not in self.thresholds:
-            self.console.print(f"mode {self.mode} has no threshold (route-query, route-token and split do)")
+        from tether.edge import MODE_REGISTRY
+        from tether.errors import ConfigurationError
+
+        spec = self.spec
+        if spec.threshold_field is None:
+            having = ", ".join(s.name for s in MODE_REGISTRY.values() if s.threshold_field is not None)
+            self.console.print(f"mode {self.mode} has no threshold ({having} do)")
             return
         if not arg:
             self.console.print(f"{self.mode}:{self._threshold_note()}")
             return
-        if self.mode == "split" and arg.lower() in ("off", "none"):
-            self.thresholds["split"] = None
-            self.console.print("split: early exit off")
-            return
-        try:
-            value = float(arg)
-        except ValueError:
-            self.console.print(f"[red]not a number: {_escape(arg)!r}[/red]")
-            return
-        if self.mode == "split" and not 0.0 < value <= 1.0:
-            self.console.print("[red]the split early-exit threshold is in (0, 1][/red]")
-            return
+        value: float | None
+        if arg.lower() in ("off", "none", "default"):
+            value = None
+        else:
+            try:
+                value = float(arg)
+            except ValueError:
+                self.console.print(f"[red]not a number: {_escape(arg)!r}[/red]")
+                return
+            try:  # the mode's options check the value's range
+                spec.options_with_threshold(self.settings.options_for(spec.name), value)
+            except (ConfigurationError, ValueError) as exc:
+                self.console.print(f"[red]{_escape(str(exc))}[/red]")
+                return
         self.thresholds[self.mode] = value
-        self.console.print(f"{self.mode}: threshold → {value}")
+        if value is None:
+            self.console.print(f"{self.mode}: threshold {self._threshold_text(spec)}")
+        else:
+            self.console.print(f"{self.mode}: threshold → {value}")
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -381,7 +417,7 @@ def _new_text() -> Text:
 def _styled(piece: str, origin: str) -> Text:
     from rich.text import Text
 
-    return Text(piece, style=ORIGIN_STYLES.get(origin, ""))
+    return Text(piece, style=origin_style(origin))
 
 
 def _escape(text: str) -> str:
@@ -402,6 +438,8 @@ def legend() -> Text:
     """One line naming each colour."""
     from rich.text import Text
 
+    from tether.edge import ORIGIN_LABELS, ORIGIN_STYLES
+
     line = Text("  ")
     for origin, label in ORIGIN_LABELS.items():
         line.append("■ ", style=ORIGIN_STYLES[origin])
@@ -412,76 +450,73 @@ def legend() -> Text:
 def chat(
     prompt: Annotated[Optional[str], typer.Option(
         "--prompt", "-p", help="Answer this one prompt and exit ('-' reads it from stdin).")] = None,
-    mode: Annotated[str, typer.Option(
-        "--mode", "-m", help="speculative, route-query, route-token, split, edge or cloud.")] = "speculative",
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, help="Most tokens per answer.")] = 256,
-    temperature: Annotated[float, typer.Option("--temperature", "-t", min=0.0, help="0 = greedy.")] = 0.0,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed (sampling).")] = None,
-    system: Annotated[Optional[str], typer.Option("--system", help="A system message.")] = None,
-    threshold: Annotated[Optional[float], typer.Option(
-        "--threshold", help="Threshold of the starting mode (route-query, route-token, split early exit).")] = None,
-    server: Annotated[Optional[str], typer.Option(
-        "--server", help="A `tether serve` URL (ws://host:port); default: the cloud runs in this process.")] = None,
-    server_key: Annotated[Optional[str], typer.Option(
-        "--server-key", help="The server's public key to pin (base64, or its public.key file), as `tether serve` "
-        "prints it after 'clients pin this key:'.")] = None,
-    edge_model: Annotated[Optional[str], typer.Option(
-        "--edge-model", help="Edge model: registry name or Hugging Face model directory.")] = None,
-    cloud_model: Annotated[Optional[str], typer.Option(
-        "--cloud-model", help="Cloud model of the in-process cloud: registry name or model directory.")] = None,
-    edge_backend: Annotated[str, typer.Option("--edge-backend", help="torch, onnx-int4, onnx-int8, onnx-fp32.")] = "torch",
-    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="Edge compute threads.")] = None,
-    color: Annotated[bool, typer.Option("--color/--no-color", help="Colour tokens by origin.")] = True,
+    mode: opt.ModeOpt = "speculative",
+    max_new_tokens: opt.MaxNewTokensOpt = 256,
+    temperature: opt.TemperatureOpt = 0.0,
+    top_p: opt.TopPOpt = 1.0,
+    top_k: opt.TopKOpt = 0,
+    seed: opt.SeedOpt = None,
+    system: opt.SystemOpt = None,
+    server: opt.ServerOpt = None,
+    server_key: opt.ServerKeyOpt = None,
+    keys: opt.KeysOpt = None,
+    token_env: opt.TokenEnvOpt = None,
+    edge_model: opt.EdgeModelOpt = None,
+    cloud_model: opt.CloudModelOpt = None,
+    edge_backend: opt.EdgeBackendOpt = "torch",
+    threads: opt.ThreadsOpt = None,
+    draft_length: opt.DraftLengthOpt = "adaptive",
+    threshold: opt.ThresholdOpt = None,
+    cloud_fraction: opt.CloudFractionOpt = None,
+    router: opt.RouterOpt = None,
+    split_layer: opt.SplitLayerOpt = None,
+    compression: opt.CompressionOpt = None,
+    exit_threshold: opt.ExitThresholdOpt = None,
+    color: opt.ColorOpt = True,
 ) -> None:
     """Chat with the edge-cloud pair; tokens are coloured by where they came from.
 
     Without --server the default pair runs here: the edge model, and the cloud service in
     this process (offline). With --prompt (or when stdin is not a terminal) it answers one
-    prompt and exits; stdin not a terminal and no --prompt answers a demo prompt.
+    prompt and exits; stdin not a terminal and no --prompt answers a demo prompt. Every
+    mode's flags may be given: they apply whenever the chat is in that mode (/mode).
+    Every flag is checked before a model loads: bad input is one `error:` line and exit code 2.
     """
-    from rich.console import Console
-
-    from tether.edge import MODES, Client
-    from tether.errors import TetherError
-
-    if mode not in MODES:
-        raise typer.BadParameter(f"--mode must be one of {', '.join(MODES)}")
-    if (server is None) != (server_key is None):
-        raise typer.BadParameter("--server and --server-key go together")
-    if threshold is not None and mode not in ("route-query", "route-token", "split"):
-        raise typer.BadParameter("--threshold applies to route-query, route-token and split")
+    knobs = ModeKnobs(draft_length=draft_length, threshold=threshold, cloud_fraction=cloud_fraction, router=router,
+                      split_layer=split_layer, compression=compression, exit_threshold=exit_threshold)
+    settings = validate(mode=mode, knobs=knobs, temperature=temperature, top_p=top_p, top_k=top_k, server=server,
+                        server_key=server_key, keys=keys, token_env=token_env, strict_knobs=False)
     interactive = prompt is None and sys.stdin.isatty()
     if prompt == "-":
         prompt = sys.stdin.read().strip()
+    if prompt is not None and not prompt:
+        fail("the prompt is empty")
+
+    from rich.console import Console
+
     console = Console(highlight=False, no_color=not color, soft_wrap=not interactive)
     err = Console(stderr=True, highlight=False)
     try:
         t0 = time.perf_counter()
         if server is not None:
             err.print(f"[dim]connecting to {_escape(server)}…[/dim]")
-            client = _connect(server, server_key=server_key or "", edge_model=edge_model,
-                              edge_backend=edge_backend, edge_threads=threads)
-        else:
-            client = Client.local(edge_model, cloud_model, edge_backend=edge_backend, edge_threads=threads)
-            if mode != "edge":
-                err.print("[dim]starting the cloud service in this process…[/dim]")
-                client.warm_up()
-    except TetherError as exc:
-        err.print(f"[red]error:[/red] {_escape(str(exc))}")
-        raise typer.Exit(1) from None
+        client = open_client(settings, edge_model=edge_model, cloud_model=cloud_model, edge_backend=edge_backend,
+                             threads=threads, edge_only=False)
+        if server is None and settings.mode.needs_cloud:
+            err.print("[dim]starting the cloud service in this process…[/dim]")
+            client.warm_up()
     except KeyboardInterrupt:
         err.print("interrupted")
         raise typer.Exit(130) from None
     session = ChatSession(client, console, mode=mode, max_new_tokens=max_new_tokens, temperature=temperature,
-                          seed=seed, system=system, threshold=threshold, link=server or "in-process")
+                          top_p=top_p, top_k=top_k, seed=seed, system=system, settings=settings,
+                          link=server or "in-process")
     try:
         if not interactive:
             question = prompt if prompt is not None else DEMO_PROMPT
             if prompt is None:
                 err.print(f"[dim]stdin is not a terminal: answering the demo prompt ({DEMO_PROMPT!r}); "
                           "run `tether chat` in a terminal to chat, or pass --prompt[/dim]")
-            if not question:
-                raise typer.BadParameter("the prompt is empty")
             if not session.ask(question):
                 raise typer.Exit(1)
             return
@@ -496,32 +531,6 @@ def chat(
         client.close()
 
 
-class _Connecting:
-    """`EdgeClient.connect(...)` as both a zero-argument callable and an awaitable.
-
-    `Client.connect` hands `Client` a callable, but `Client.__init__` awaits what it is given
-    without calling it (a TypeError); this object works either way, so ``--server`` works
-    before and after that is fixed.
-    """
-
-    def __init__(self, url: str, kwargs: dict[str, Any]) -> None:
-        self.url, self.kwargs = url, kwargs
-
-    def __call__(self) -> Any:
-        from tether.edge import EdgeClient
-
-        return EdgeClient.connect(self.url, **self.kwargs)
-
-    def __await__(self) -> Any:
-        return self().__await__()
-
-
-def _connect(url: str, **kwargs: Any) -> Client:
-    from tether.edge import Client
-
-    return Client(_Connecting(url, kwargs))
-
-
 def _default_cloud() -> str:
     from tether.models import DEFAULT_CLOUD_MODEL
 
@@ -530,4 +539,4 @@ def _default_cloud() -> str:
 
 def register(app: typer.Typer) -> None:
     """Add `tether chat` to the command line."""
-    app.command("chat")(chat)
+    app.command("chat", cls=ModeCommand)(chat)

@@ -28,15 +28,22 @@ def _default_dir() -> Path:
 
 @keys_app.command("generate")
 def generate(
+    directory_arg: Annotated[
+        Optional[Path],
+        typer.Argument(metavar="DIR", help="Directory for private.key (0600) and public.key "
+                                           "(default: the cache's keys).", show_default=False),
+    ] = None,
     out: Annotated[
-        Optional[Path], typer.Option("--out", "-o", help="Directory for private.key (0600) and public.key.")
+        Optional[Path], typer.Option("--out", "-o", help="The same as DIR (kept for older scripts).")
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace existing key files.")] = False,
 ) -> None:
-    """Generate a key pair; prints the public key and its fingerprint."""
-    from tether.protocol._keys import KeyFileError, KeyPair
+    """Generate a key pair in DIR; prints the public key and its fingerprint."""
+    from tether.protocol import KeyFileError, KeyPair
 
-    directory = out or _default_dir()
+    if directory_arg is not None and out is not None and directory_arg != out:
+        raise typer.BadParameter(f"give the directory once: DIR {directory_arg} or --out {out}, not both")
+    directory = directory_arg or out or _default_dir()
     keys = KeyPair.generate()
     try:
         private_path, public_path = keys.save(directory, overwrite=force)
@@ -56,7 +63,7 @@ def show(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Show a public key and its fingerprint (reading a private key checks its permissions)."""
-    from tether.protocol._keys import PRIVATE_KEY_FILE, KeyFileError, KeyPair, PublicKey, load_public_key
+    from tether.protocol import PRIVATE_KEY_FILE, KeyFileError, KeyPair, PublicKey, load_public_key
 
     target = path or _default_dir()
     try:
@@ -81,7 +88,7 @@ def allow(
     comment: Annotated[str, typer.Option("--comment", "-c", help="Comment stored after the key.")] = "",
 ) -> None:
     """Add a client key to an allowlist file (a running server picks it up without restart)."""
-    from tether.protocol._keys import Allowlist, KeyFileError, load_public_key
+    from tether.protocol import Allowlist, KeyFileError, load_public_key
 
     try:
         key = load_public_key(public_key)

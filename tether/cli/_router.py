@@ -54,10 +54,10 @@ def train(
     """Train a learned query router (Hybrid LLM / RouteLLM style) from labelled JSONL."""
     import numpy as np
 
-    from tether.routing._calibration import calibrate_cloud_fraction
-    from tether.routing._classifier import FitOptions
-    from tether.routing._data import build_queries, read_records
-    from tether.routing._query import LearnedQueryRouter
+    from tether.routing import calibrate_cloud_fraction
+    from tether.routing import FitOptions
+    from tether.routing import build_queries, read_records
+    from tether.routing import LearnedQueryRouter
 
     feats = _split(features)
     records = read_records(data, need=("text", "label"))
@@ -81,7 +81,7 @@ def train(
 def _dummy_classifier() -> Any:
     import numpy as np
 
-    from tether.routing._classifier import Classifier
+    from tether.routing import Classifier
 
     return Classifier({"mean": np.zeros(1), "std": np.ones(1), "w1": np.zeros((1, 1)), "b1": np.zeros(1)})
 
@@ -108,9 +108,9 @@ def train_token(
     """
     import numpy as np
 
-    from tether.routing._calibration import calibrate_cloud_fraction
-    from tether.routing._classifier import FitOptions
-    from tether.routing._token import LearnedTokenRouter
+    from tether.routing import calibrate_cloud_fraction
+    from tether.routing import FitOptions
+    from tether.routing import LearnedTokenRouter
 
     if pairs is not None and pairs.exists():
         z = np.load(pairs)
@@ -140,7 +140,7 @@ def _generate_pairs(data: Path, edge_model: Optional[str], cloud_model: Optional
     from tether.cli._bench import import_lab
 
     agreement_pairs = import_lab("collect").agreement_pairs
-    from tether.routing._data import edge_answer_positions, prompt_ids, read_records
+    from tether.routing import edge_answer_positions, prompt_ids, read_records
     from tether.runtime import TorchCausalLM
 
     records = read_records(data)
@@ -177,11 +177,11 @@ def calibrate(
     import numpy as np
 
     from tether.errors import ConfigurationError
-    from tether.routing._base import load_router
-    from tether.routing._calibration import calibrate_cloud_fraction, calibrate_quality
-    from tether.routing._data import edge_answer_positions, prompt_ids, read_records, score_records
-    from tether.routing._query import QueryRouter
-    from tether.routing._token import TokenRouter
+    from tether.routing import load_router
+    from tether.routing import calibrate_cloud_fraction, calibrate_quality
+    from tether.routing import edge_answer_positions, prompt_ids, read_records, score_records
+    from tether.routing import QueryRouter
+    from tether.routing import TokenRouter
 
     if (cloud_fraction is None) == (quality_target is None):
         raise typer.BadParameter("give exactly one of --cloud-fraction and --quality-target")
@@ -224,7 +224,7 @@ def calibrate(
 @router_app.command("show")
 def show(router_path: Annotated[Path, typer.Argument(help="Router file.")]) -> None:
     """Print a router file's kind, config, threshold and calibration record."""
-    from tether.routing._base import load_router
+    from tether.routing import load_router
 
     router = load_router(router_path)
     doc = router.to_json()

@@ -6,9 +6,13 @@ What does not: the server itself (`_server.py`). Heavy imports happen inside the
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import ipaddress
 import json
 import logging
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -53,8 +57,9 @@ def setup_logging(level: str, fmt: str) -> None:
 
 
 def serve_command(
-    model: Annotated[str, typer.Option("--model", help="Registry name or path of the cloud model "
-                                                       "(default: the registry's cloud model).")] = "",
+    model: Annotated[str, typer.Option("--model", envvar="TETHER_CLOUD_MODEL",
+                                       help="Registry name or path of the cloud model "
+                                            "(default: the registry's cloud model).")] = "",
     keys: Annotated[Optional[Path], typer.Option("--keys", help="Directory (or file) holding the server's "
                                                                 "private.key (tether keys generate).")] = None,
     host: Annotated[str, typer.Option("--host", help="Address of the encrypted protocol.")] = "127.0.0.1",
@@ -70,16 +75,22 @@ def serve_command(
                                                                    "of the OpenAI-compatible API.")] = "TETHER_API_KEY",
     token_env: Annotated[str, typer.Option("--token-env", help="Environment variable holding a token clients "
                                                                "must present.")] = "TETHER_TOKEN",
+    insecure_http: Annotated[bool, typer.Option(
+        "--insecure-http", help="Allow the OpenAI-compatible API on a non-loopback --http-host with no API key "
+                                "(anyone who reaches the port can use the model).")] = False,
     threads: Annotated[int, typer.Option("--threads", help="Torch threads for the model (0: torch default).")] = 0,
     no_batching: Annotated[bool, typer.Option("--no-batching", help="Run every forward alone.")] = False,
+    kv_budget_per_client_mb: Annotated[Optional[int], typer.Option(
+        "--kv-budget-per-client-mb", help="KV cache one client key's sessions may hold together, in MiB "
+                                          "(overrides the config file; default: a quarter of kv_budget_bytes).")] = None,
     log_format: Annotated[str, typer.Option("--log-format", help="json or text.")] = "json",
     log_level: Annotated[str, typer.Option("--log-level")] = "info",
 ) -> None:
     """Serve the cloud model to edge clients over the encrypted protocol."""
     import asyncio
 
-    from tether.cloud._config import CloudConfig
-    from tether.errors import TetherError
+    from tether.cloud import CloudConfig
+    from tether.errors import ConfigurationError, TetherError
 
     setup_logging(log_level, log_format)
     log = logging.getLogger("tether.cloud.cli")
@@ -87,20 +98,74 @@ def serve_command(
         cfg = CloudConfig.from_file(config) if config is not None else CloudConfig()
         if no_batching:
             cfg = cfg.replace(batching=False)
+        if kv_budget_per_client_mb is not None:
+            cfg = cfg.replace(kv_budget_per_client_bytes=kv_budget_per_client_mb * 1024 * 1024)
         if keys is None:
             raise typer.BadParameter("--keys DIR is required (create one with: tether keys generate DIR)")
         from tether.protocol import KeyPair
 
         server_keys = KeyPair.load(keys)
+        api_key = os.environ.get(api_key_env) or None
+        if http_port >= 0:
+            _check_http_exposure(http_host, api_key, api_key_env, insecure_http)
+        # Before the model loads (minutes for a real one), so a busy port fails at once.
+        _check_port_free(host, port, "--port")
+        if http_port >= 0:
+            if http_port == port and port != 0:
+                raise ConfigurationError(f"--port and --http-port are both {port}; give them different ports")
+            _check_port_free(http_host, http_port, "--http-port")
         asyncio.run(_serve(model=model, server_keys=server_keys, host=host, port=port, allow=allow_clients,
                            cfg=cfg, http_host=http_host, http_port=None if http_port < 0 else http_port,
-                           api_key=os.environ.get(api_key_env) or None, token=os.environ.get(token_env) or None,
+                           api_key=api_key, token=os.environ.get(token_env) or None,
                            threads=threads, log=log))
     except TetherError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def _check_http_exposure(http_host: str, api_key: str | None, api_key_env: str, insecure: bool) -> None:
+    """Refuse an open OpenAI-compatible API on a reachable address unless asked for."""
+    from tether.errors import ConfigurationError
+
+    if api_key is None and not insecure and not _is_loopback(http_host):
+        raise ConfigurationError(
+            f"--http-host {http_host} is not a loopback address and ${api_key_env} is not set, so anyone who "
+            f"reaches the port could use the model: set {api_key_env} (the API's bearer key), or pass "
+            "--insecure-http to serve it without one")
+
+
+def _check_port_free(host: str, port: int, flag: str) -> None:
+    """Raise `ConfigurationError` if `host:port` cannot be bound (port 0 is always free)."""
+    from tether.errors import ConfigurationError
+
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigurationError(f"{flag}: cannot resolve host {host!r}: {exc.strerror}") from exc
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        # The servers set SO_REUSEADDR too: a port in TIME_WAIT is free, a listening one is not.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(addr)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ConfigurationError(f"{flag} {port}: {host}:{port} is already in use (another tether serve?); "
+                                         f"choose another port with {flag}, or 0 for any free port") from exc
+            raise ConfigurationError(f"{flag} {port}: cannot listen on {host}:{port}: {exc.strerror}") from exc
 
 
 async def _serve(*, model: str, server_keys: Any, host: str, port: int, allow: Path | None, cfg: Any,
@@ -111,8 +176,8 @@ async def _serve(*, model: str, server_keys: Any, host: str, port: int, allow: P
 
     import torch
 
-    from tether.cloud._manager import SessionManager
-    from tether.cloud._server import CloudServer
+    from tether.cloud import CloudServer, SessionManager
+    from tether.errors import ConfigurationError
     from tether.runtime import load_runtime
 
     if not model:
@@ -131,7 +196,13 @@ async def _serve(*, model: str, server_keys: Any, host: str, port: int, allow: P
     server = CloudServer(manager, keys=server_keys, host=host, port=port,
                          allowlist=str(allow) if allow is not None else None, token=token,
                          http_host=http_host, http_port=http_port, api_key=api_key)
-    await server.start()
+    try:
+        await server.start()
+    except OSError as exc:  # a port taken between the check and now
+        with contextlib.suppress(Exception):
+            await server.close(grace=0)
+        raise ConfigurationError(f"cannot listen on {host}:{port} / {http_host}:{http_port}: {exc.strerror}; "
+                                 "choose other ports with --port / --http-port") from exc
     typer.echo(f"tether serve: model {name}")
     typer.echo(f"  listening  {server.url}")
     typer.echo(f"  server key {server.fingerprint}  (clients pin this key: {server.keys.public.to_text()})")

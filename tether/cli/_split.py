@@ -126,7 +126,7 @@ def train_exit_heads(
     """
     import torch
 
-    from tether.edge.split._exit_head import ExitData, collect_exit_datasets, train_exit_head
+    from tether.edge.split import ExitData, collect_exit_datasets, train_exit_head
     from tether.models import ensure_hf_dir
 
     started = time.monotonic()
@@ -241,7 +241,7 @@ def train_exit(
 @split_app.command("show")
 def show(head: Annotated[Path, typer.Argument(help="An exit head file.")]) -> None:
     """Print an exit head's layer, size and calibration table."""
-    from tether.edge.split._exit_head import ExitHead
+    from tether.edge.split import ExitHead
     from tether.errors import ModelError
 
     try:

@@ -189,7 +189,7 @@ def _genai_version() -> str:
         return str(onnxruntime_genai.__version__)
     except ImportError as exc:
         raise ModelError(
-            "building ONNX models needs onnxruntime-genai and onnx-ir: pip install 'tether[onnx]'"
+            "building ONNX models needs onnxruntime-genai and onnx-ir: pip install 'onnxruntime-genai>=0.8' 'onnx-ir>=1.0'"
         ) from exc
 
 
@@ -234,7 +234,7 @@ def _run_builder(source: Path, output: Path, precision: str, *, progress: bool,
         joined = "\n".join(tail)
         hint = ""
         if "No module named 'onnx_ir'" in joined:
-            hint = "\nThe builder needs onnx-ir: pip install 'tether[onnx]' (or pip install onnx-ir)."
+            hint = "\nThe builder needs onnx-ir: pip install 'onnx-ir>=1.0'."
         raise ModelError(
             f"onnxruntime-genai builder failed for {source} at {precision} (exit {code}); "
             f"last output:\n{joined}{hint}"

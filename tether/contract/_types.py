@@ -1,8 +1,9 @@
-"""The transport-independent API of one cloud session: typed values and the session protocol.
+"""The session contract's values: what goes in and out of a `CloudSessionAPI` call.
 
-What belongs here: the dataclasses that go in and out of a session and the `CloudSessionAPI`
-protocol every backend (in-process model, OpenAI-compatible engine, remote client) implements.
-What does not: any I/O, model code or wire encoding.
+What belongs here: the frozen request/result dataclasses of the session API and the one
+rule for sampling settings (`validate_sampling`), used by the edge, the cloud and the wire.
+What does not: any I/O, model code or wire encoding (the protocol embeds or converts these
+values; see `tether.protocol`'s operation table).
 
 Glossary (p = target/cloud distribution, q = draft/edge distribution)
 - committed sequence: the tokens the session has agreed on (prompt + accepted output).
@@ -20,28 +21,51 @@ Glossary (p = target/cloud distribution, q = draft/edge distribution)
 """
 
 from __future__ import annotations
-
 import math
-from collections.abc import AsyncIterator, Mapping, Sequence
+import numbers
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 
-if TYPE_CHECKING:
-    from tether.protocol import Tensor
+from tether.contract._errors import InvalidRequest, InvalidSampling
 
 FinishReason = Literal["stop", "length"]
 """Why a generation ended: a stop/eos id was produced, or the token budget ran out."""
 
 
+CHAT_ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool")
+"""The roles a `ChatMessage` may have."""
+
+MAX_TEMPERATURE = 100.0
+"""The largest sampling temperature accepted anywhere (edge, cloud, wire); far past it the
+distribution is uniform to float precision, so a larger value is a mistake, not a setting."""
+
+
 def _check(cond: bool, message: str) -> None:
     if not cond:
-        # Imported lazily so that this module stays importable without the errors module's deps.
-        from tether.cloud._errors import InvalidRequest
-
         raise InvalidRequest(message)
+
+
+def validate_sampling(*, temperature: float, top_k: int, top_p: float) -> None:
+    """The one rule for sampling settings, applied by the edge, the cloud and the wire.
+
+    Args:
+        temperature: finite, in [0, `MAX_TEMPERATURE`]; 0 means greedy.
+        top_k: >= 0; 0 disables it.
+        top_p: in (0, 1]; 1 disables it.
+    Raises:
+        InvalidSampling: (an `InvalidRequest` and a `ValueError`) naming the setting.
+    """
+    if not (isinstance(temperature, numbers.Real) and math.isfinite(temperature)
+            and 0.0 <= temperature <= MAX_TEMPERATURE):
+        raise InvalidSampling(f"temperature must be a finite number in [0, {MAX_TEMPERATURE:g}], got {temperature!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0:
+        raise InvalidSampling(f"top_k must be >= 0 (0 disables it), got {top_k!r}")
+    if not (isinstance(top_p, numbers.Real) and 0.0 < top_p <= 1.0):
+        raise InvalidSampling(f"top_p must be in (0, 1] (1 disables it), got {top_p!r}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -62,10 +86,7 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        _check(math.isfinite(self.temperature) and self.temperature >= 0.0,
-               f"temperature must be >= 0, got {self.temperature}")
-        _check(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}")
-        _check(self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}")
+        validate_sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
 
     @property
     def greedy(self) -> bool:
@@ -279,13 +300,13 @@ class HiddenResult:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ChatMessage:
-    """One chat message. `role` is ``"system"``, ``"user"`` or ``"assistant"``."""
+    """One chat message. `role` is one of `CHAT_ROLES` (system, user, assistant, tool)."""
 
     role: str
     content: str
 
     def __post_init__(self) -> None:
-        _check(self.role in ("system", "user", "assistant", "tool"), f"unknown chat role {self.role!r}")
+        _check(self.role in CHAT_ROLES, f"chat role must be one of {CHAT_ROLES}, got {self.role!r}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -319,144 +340,3 @@ def as_messages(messages: Sequence[ChatMessage | Mapping[str, Any]]) -> tuple[Ch
             out.append(ChatMessage(role=str(m["role"]), content=str(m["content"])))
     _check(len(out) > 0, "chat needs at least one message")
     return tuple(out)
-
-
-@runtime_checkable
-class CloudSessionAPI(Protocol):
-    """One edge conversation's state on the cloud; implemented by every backend and by the remote client.
-
-    The session holds the committed token sequence. Tokens committed but not yet in the
-    cloud's KV cache (the prompt's last token, a correction or bonus token, appended tokens
-    with ``prefill=False``) are kept as a pending tail and run in the next forward pass, so
-    a verify is always ONE forward pass over ``pending + draft``.
-
-    Errors: every method raises `tether.cloud.CloudError` subclasses. `InvalidRequest`,
-    `SessionLimitExceeded` and `UnsupportedOperation` leave the session unchanged.
-    `SessionEvicted` means the server dropped the state: the session is closed and a new
-    one must be opened and re-prefilled. Calls on one session are processed in order.
-    """
-
-    @property
-    def length(self) -> int:
-        """Number of committed tokens (0 before any append)."""
-        ...
-
-    @property
-    def capabilities(self) -> Capabilities:
-        """What this backend supports (valid before `open`)."""
-        ...
-
-    async def open(self, *, sampling: SamplingParams = SamplingParams(), model: str | None = None) -> SessionInfo:
-        """Open the session with the target's sampling params.
-
-        Args:
-            sampling: how the target samples (greedy when temperature is 0); seeds the
-                session's generator.
-            model: the model name the caller expects; None accepts the server's.
-        Returns:
-            `SessionInfo` (id, model facts, limits, capabilities).
-        Raises:
-            InvalidRequest: unknown model, or the session is already open.
-            ServerOverloaded: the server holds its maximum number of sessions.
-        """
-        ...
-
-    async def append(self, token_ids: Sequence[int], *, prefill: bool = True) -> int:
-        """Commit tokens (a prompt, or tokens the edge produced on its own).
-
-        Args:
-            token_ids: tokens to commit after the current sequence.
-            prefill: run them through the cloud now (all but the last, which stays
-                pending), overlapping that cost with the edge's drafting; False keeps
-                them pending for the next forward pass (cheapest for a few tokens).
-        Returns:
-            The committed length.
-        Raises:
-            SessionLimitExceeded: the sequence would exceed ``max_tokens``.
-        """
-        ...
-
-    async def verify(self, draft_ids: Sequence[int], draft_probs: SparseProbs | None = None) -> VerifyResult:
-        """Verify a draft block in one forward pass and commit ``accepted + 1`` tokens.
-
-        Greedy sessions accept the longest prefix equal to the target's argmax and add the
-        argmax after it (correction or bonus); `draft_probs` is ignored. Sampling sessions
-        run standard speculative rejection sampling (Leviathan et al. 2023; Chen et al. 2023)
-        with p = the target's tempered/truncated distribution and q = `draft_probs`; None
-        means a deterministic draft (q is one-hot on each draft token). The result is
-        distributed exactly as the target sampling alone.
-
-        Raises:
-            InvalidRequest: no committed token yet, mismatched `draft_probs`, a draft token
-                outside q's support, or a token id outside the vocabulary.
-            SessionLimitExceeded: more than ``max_draft`` tokens, or past ``max_tokens``.
-        """
-        ...
-
-    async def score(self, token_ids: Sequence[int], *, top_k: int = 5, commit: bool = True) -> ScoreResult:
-        """Score `token_ids` after the committed sequence in one forward pass.
-
-        Args:
-            token_ids: tokens to score (may be empty: then only the next-token
-                distribution is returned).
-            top_k: alternatives per position (<= ``capabilities.max_top_k``).
-            commit: keep the scored tokens committed (default) or roll them back.
-        """
-        ...
-
-    def generate(self, n: int, *, stop_ids: Sequence[int] = ()) -> AsyncIterator[GenerateChunk]:
-        """Let the cloud generate up to `n` tokens with the session's sampling, committing them.
-
-        Stops early after producing a token in `stop_ids` (included in the output).
-        Yields chunks as tokens are produced; the last chunk has a `finish_reason`.
-        """
-        ...
-
-    async def continue_hidden(
-        self, hidden: npt.NDArray[np.floating[Any]] | Tensor, *, layer: int, top_k: int = 0
-    ) -> HiddenResult:
-        """Split computing: continue the same model from hidden states at layer `layer`.
-
-        Args:
-            hidden: [n, hidden_size] outputs of layers [0, layer) for the next n positions
-                (the edge runs the first `layer` layers of the *same* model), as a float
-                array or as a `tether.protocol.Tensor` in a compressed wire dtype (fp16,
-                bf16, int8 per row, int4 per group), which remote backends send as is.
-                Several positions in one call are how the edge catches the cloud up on
-                positions it answered itself (split-mode early exit).
-            layer: the split point, 0 < layer < num_layers; fixed for the session after
-                the first call. A session used this way cannot verify/score/generate.
-            top_k: also return the top-k of the next-token distribution.
-        Returns:
-            `HiddenResult` with the next token sampled from the last position.
-        """
-        ...
-
-    async def chat(
-        self,
-        messages: Sequence[ChatMessage | Mapping[str, Any]],
-        *,
-        max_tokens: int = 256,
-        temperature: float = 0.0,
-        json_mode: bool = False,
-    ) -> ChatResult:
-        """Chat completion over `messages` with the tokenizer's chat template (for Minions).
-
-        Independent of the session's committed sequence (it neither reads nor changes it).
-        With `json_mode` the reply is constrained to a single JSON value.
-        """
-        ...
-
-    async def rollback(self, length: int) -> int:
-        """Cut the committed sequence back to its first `length` tokens; returns the new length.
-
-        Raises:
-            InvalidRequest: `length` is negative or greater than the committed length.
-        """
-        ...
-
-    async def close(self) -> None:
-        """Release the session's state; idempotent."""
-        ...
-
-

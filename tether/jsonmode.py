@@ -2,7 +2,8 @@
 
 What belongs here: an incremental JSON prefix checker (a small pushdown automaton over
 characters) and the token chooser that only lets through tokens keeping the text a valid
-prefix. What does not: the decoding loop (`SessionManager.chat`).
+prefix. What does not: the decoding loops (the cloud's `SessionManager.chat`, the edge's
+Minion workers): both use this one module, which is why it lives in the shared kernel.
 
 At each step the most likely `candidates` tokens are tried in order (greedy takes the first
 valid; sampling renormalises over the valid ones); end-of-sequence is allowed only once the
@@ -16,8 +17,10 @@ from typing import Any
 
 import torch
 
-from tether.cloud._acceptance import target_probs
-from tether.cloud._api import SamplingParams
+from tether.contract import SamplingParams
+from tether.sampling import warp
+
+__all__ = ["JsonConstraint", "JsonPrefix"]
 
 _WS = " \t\n\r"
 _MAX_WS_RUN = 24  # consecutive whitespace allowed, so a model cannot loop on blanks
@@ -37,6 +40,10 @@ class _S(enum.IntEnum):
     NUMBER = 10
     LITERAL = 11
     DONE = 12
+
+
+# After a member or an element: (separator, state after the separator, closing bracket).
+_AFTER_ITEM = {_S.OBJ_NEXT: (",", _S.OBJ_KEY, "}"), _S.ARR_NEXT: (",", _S.VALUE, "]")}
 
 
 class JsonPrefix:
@@ -73,6 +80,10 @@ class JsonPrefix:
             self.state = _S.DONE
         else:
             self.state = _S.OBJ_NEXT if self.stack[-1] == "{" else _S.ARR_NEXT
+
+    def _close_container(self) -> None:
+        self.stack.pop()
+        self._after_value()
 
     def feed(self, ch: str) -> bool:  # noqa: C901 - one branch per automaton state
         st = self.state
@@ -128,8 +139,7 @@ class JsonPrefix:
         self.ws_run = 0
         if st == _S.VALUE or st == _S.ARR_FIRST:
             if st == _S.ARR_FIRST and ch == "]":
-                self.stack.pop()
-                self._after_value()
+                self._close_container()
                 return True
             if not self.started:
                 if ch != "{":
@@ -141,8 +151,7 @@ class JsonPrefix:
                 self.state, self.is_key = _S.STRING, True
                 return True
             if ch == "}" and st == _S.OBJ_FIRST:
-                self.stack.pop()
-                self._after_value()
+                self._close_container()
                 return True
             return False
         if st == _S.COLON:
@@ -150,22 +159,13 @@ class JsonPrefix:
                 self.state = _S.VALUE
                 return True
             return False
-        if st == _S.OBJ_NEXT:
-            if ch == ",":
-                self.state = _S.OBJ_KEY
+        if st in _AFTER_ITEM:
+            separator, after_separator, closer = _AFTER_ITEM[st]
+            if ch == separator:
+                self.state = after_separator
                 return True
-            if ch == "}":
-                self.stack.pop()
-                self._after_value()
-                return True
-            return False
-        if st == _S.ARR_NEXT:
-            if ch == ",":
-                self.state = _S.VALUE
-                return True
-            if ch == "]":
-                self.stack.pop()
-                self._after_value()
+            if ch == closer:
+                self._close_container()
                 return True
             return False
         return False
@@ -242,24 +242,29 @@ def _number_prefix_ok(s: str) -> bool:
     else:
         return False
     if i < n and s[i] == ".":
-        i += 1
-        if i == n:
-            return True
-        if not s[i].isdigit():
+        after = _digit_run(s, i + 1)
+        if after is None:
             return False
-        while i < n and s[i].isdigit():
-            i += 1
+        i = after
     if i < n and s[i] in "eE":
         i += 1
         if i < n and s[i] in "+-":
             i += 1
-        if i == n:
-            return True
-        if not s[i].isdigit():
+        after = _digit_run(s, i)
+        if after is None:
             return False
-        while i < n and s[i].isdigit():
-            i += 1
+        i = after
     return i == n
+
+
+def _digit_run(s: str, i: int) -> int | None:
+    """Past the digits that must follow a '.' or an exponent (from `i`): their end, ``len(s)``
+    when `s` stops first (still a prefix), None when a non-digit comes first."""
+    if i < len(s) and not s[i].isdigit():
+        return None
+    while i < len(s) and s[i].isdigit():
+        i += 1
+    return i
 
 
 def _number_complete(s: str) -> bool:
@@ -325,7 +330,9 @@ class JsonConstraint:
                     self.prefix = nxt
                     return int(tok)
         else:
-            probs = target_probs(logits[None, :], sampling)[0]
+            # The target's warping (temperature, top-k, top-p), in float64 like the acceptance rule.
+            probs = warp(logits, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                         dtype=torch.float64)
             vals, idx = torch.topk(probs, k)
             valid: list[tuple[int, float, JsonPrefix]] = []
             for tok, p in zip(idx.tolist(), vals.tolist(), strict=True):
