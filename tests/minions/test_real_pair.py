@@ -34,7 +34,7 @@ def test_real_pair_answers_without_sending_the_document(real_client: Any, mode: 
     try:
         result = real_client.ask(
             "How many units did the Aurora team sell in March? Give the number.", documents=[REPORT], mode=mode,
-            max_rounds=2, options=MinionsOptions(chunking=ChunkingOptions(max_tokens=64, min_tokens=16),
+            max_rounds=1, options=MinionsOptions(chunking=ChunkingOptions(max_tokens=64, min_tokens=16),
                                                  edge_max_tokens=48),
         )
     except MinionsFailed as exc:  # the 1.5B planner broke the schema twice: a clean, typed end
