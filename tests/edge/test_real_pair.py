@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 
 from benchmarks.prompts import CHAT_PROMPTS
 
-PROMPTS = CHAT_PROMPTS[:6]  # a few only: the suite must stay short on a 2-core CPU
+PROMPTS = CHAT_PROMPTS[:3]  # a few only: the suite must stay short on a 2-core CPU
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

@@ -27,7 +27,7 @@ def real_client() -> Any:
     client.close()
 
 
-@pytest.mark.parametrize("mode", ["minions", "minion"])
+@pytest.mark.parametrize("mode", ["minions"])  # Minion is covered on tiny models; real-model tests stay few
 def test_real_pair_answers_without_sending_the_document(real_client: Any, mode: str) -> None:
     from tether.edge import ChunkingOptions, MinionsFailed, MinionsOptions
 

@@ -48,7 +48,7 @@ async def test_fp32_split_equals_the_unsplit_model(real) -> None:  # type: ignor
     mismatches = []
     for i, prompt in enumerate(PROMPTS):
         cloud = await real.generate(prompt, mode="cloud", max_new_tokens=16)
-        for k in ((7, 14, 21) if i == 0 else (14,)):
+        for k in ((7, 21) if i == 0 else (14,)):
             split = await real.generate(prompt, mode="split", max_new_tokens=16,
                                         split=SplitOptions(split_layer=k, compression="fp32"))
             if split.token_ids != cloud.token_ids:
