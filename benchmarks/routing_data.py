@@ -37,7 +37,7 @@ PROBE_TOKENS = 16
 
 
 def problems(split: str) -> list[CodeProblem]:
-    """``"train"``: Tether's own tasks (`benchmarks/lab/task_bank.py`, 111); ``"humaneval"``: HumanEval/0, /4, ... /160 (41 problems)."""
+    """``"train"``: Tether's own tasks (`benchmarks/lab/task_bank.py`, 96); ``"humaneval"``: HumanEval/0, /4, ... /160 (41 problems)."""
     from benchmarks.lab.codeeval import humaneval_subset, training_tasks
 
     if split == "train":
@@ -117,14 +117,17 @@ def generate(role: str, split: str, runtime: Any, tokenizer: Any, *, batch_size:
 
 
 def load_probes(split: str) -> dict[str, Any]:
-    """Edge probes by task id."""
+    """Edge probes by task id, for the split's current problems only (the cache may still
+    hold tasks since dropped from the bank, such as its HumanEval twins)."""
     from tether.routing._signals import EdgeProbe
 
     raw = dict(np.load(CACHE / f"probes-{split}.npz"))
+    current = {p.task_id for p in problems(split)}
     by: dict[str, dict[str, Any]] = {}
     for key, arr in raw.items():
         tid, field = key.rsplit("|", 1)
-        by.setdefault(tid, {})[field] = arr
+        if tid in current:
+            by.setdefault(tid, {})[field] = arr
     return {tid: EdgeProbe.from_arrays(a) for tid, a in by.items()}
 
 

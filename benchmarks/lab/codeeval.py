@@ -37,12 +37,15 @@ class CodeProblem:
         prompt: imports, signature and docstring; the model writes the body.
         entry_point: the function the tests call.
         test: Python source defining ``check(candidate)``, which raises on a wrong answer.
+        reference: a correct body for `prompt` (HumanEval's canonical solution, the task
+            bank's reference); the twin check below runs it against the other set's tests.
     """
 
     task_id: str
     prompt: str
     entry_point: str
     test: str
+    reference: str = ""
 
     @property
     def instruction(self) -> str:
@@ -100,7 +103,8 @@ def load_humaneval(path: str | Path | None = None) -> list[CodeProblem]:
             if line.strip():
                 d = json.loads(line)
                 problems.append(CodeProblem(task_id=d["task_id"], prompt=d["prompt"],
-                                            entry_point=d["entry_point"], test=d["test"]))
+                                            entry_point=d["entry_point"], test=d["test"],
+                                            reference=d.get("canonical_solution", "")))
     return problems
 
 
@@ -115,11 +119,12 @@ def training_tasks() -> list[CodeProblem]:
     from benchmarks.lab.task_bank import task_bank
 
     out = []
-    for name, signature, doc, tests, _reference in task_bank():
+    for name, signature, doc, tests, reference in task_bank():
         prompt = f'{signature}\n    """{doc}\n    """\n'
         test = "def check(candidate):\n" + "".join(f"    assert {t}\n" for t in tests)
         entry = signature.split("(")[0].removeprefix("def ").strip()
-        out.append(CodeProblem(task_id=f"tether/{name}", prompt=prompt, entry_point=entry, test=test))
+        out.append(CodeProblem(task_id=f"tether/{name}", prompt=prompt, entry_point=entry, test=test,
+                               reference=reference))
     return out
 
 
@@ -131,3 +136,97 @@ def reference_completion(task_id: str) -> str:
         if f"tether/{name}" == task_id:
             return reference
     raise KeyError(task_id)
+
+
+# -- twins: training tasks that restate a held-out problem ----------------------------------
+
+#: Name words that say nothing about what a function does.
+_FILLER_WORDS = frozenset({"a", "an", "the", "of", "to", "is", "get", "find", "all", "in", "by"})
+
+
+def _name_words(name: str) -> frozenset[str]:
+    """A function name's words, lower-cased and crudely stemmed (brackets/bracketing -> bracket)."""
+    words = set()
+    for w in name.lower().split("_"):
+        for suffix in ("ing", "ed", "es", "s"):
+            if w.endswith(suffix) and len(w) - len(suffix) >= 3:
+                w = w[: -len(suffix)]
+                break
+        if w and w not in _FILLER_WORDS:
+            words.add(w)
+    return frozenset(words)
+
+
+def _names_match(a: str, b: str) -> bool:
+    """Same words, or one name's words (two or more) all inside the other's."""
+    wa, wb = _name_words(a), _name_words(b)
+    return wa == wb or (min(len(wa), len(wb)) >= 2 and (wa <= wb or wb <= wa))
+
+
+def _arity(problem: CodeProblem) -> int:
+    import ast
+
+    tree = ast.parse(problem.prompt + problem.reference)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef) and node.name == problem.entry_point:
+            return len(node.args.args)
+    return -1
+
+
+_CROSS_CHECK = """
+import json, signal
+def _late(*_):
+    raise TimeoutError
+signal.signal(signal.SIGALRM, _late)
+hits = []
+for pair, solution, entry, test in json.loads(PAIRS):
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        ns, nt = {}, {}
+        exec(solution, ns)
+        exec(test, nt)
+        nt["check"](ns[entry])
+        hits.append(pair)
+    except BaseException:
+        pass
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+print(json.dumps(hits))
+"""
+
+
+def humaneval_twins(tasks: Sequence[CodeProblem], humaneval: Sequence[CodeProblem]) -> list[tuple[str, str, str]]:
+    """Training tasks that restate a HumanEval problem: ``(task_id, humaneval_id, why)``.
+
+    Two tests, either suffices: the normalised names match (``count_vowels`` /
+    ``vowels_count``, ``int_to_roman`` / ``int_to_mini_roman``), or the tests match: one
+    side's reference solution passes the other side's tests (``primes_below`` passes
+    ``count_up_to``'s), tried for every pair of functions with the same number of arguments
+    in one sandboxed program (each pair under a 0.2 s timer).
+    """
+    import json
+
+    found: dict[tuple[str, str], str] = {}
+    for t in tasks:
+        for h in humaneval:
+            if _names_match(t.entry_point, h.entry_point):
+                found[(t.task_id, h.task_id)] = "name"
+    arity = {p.task_id: _arity(p) for p in (*tasks, *humaneval)}
+    pairs = []
+    for t in tasks:
+        for h in humaneval:
+            if arity[t.task_id] != arity[h.task_id] or (t.task_id, h.task_id) in found:
+                continue
+            # Each side's reference under the other side's entry point, against the other side's tests.
+            alias = "\n{new} = {old}\n"
+            pairs.append([[t.task_id, h.task_id], t.prompt + t.reference + alias.format(new=h.entry_point, old=t.entry_point),
+                          h.entry_point, h.test])
+            pairs.append([[t.task_id, h.task_id], h.prompt + h.reference + alias.format(new=t.entry_point, old=h.entry_point),
+                          t.entry_point, t.test])
+    if pairs:
+        result = run_python(f"PAIRS = {json.dumps(json.dumps(pairs))}\n" + _CROSS_CHECK, timeout=600, memory_mb=2048)
+        if not result.passed:
+            raise RuntimeError(f"the twin cross-check program failed: {result.stderr[-500:]}")
+        for task_id, he_id in json.loads(result.stdout.strip().splitlines()[-1]):
+            found.setdefault((task_id, he_id), "tests")
+    return sorted((t, h, why) for (t, h), why in found.items())

@@ -70,9 +70,10 @@ async def test_fuzz_campaign_against_the_cloud_server(cloud_server, server_keys,
                                                       caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.ERROR)  # hundreds of expected WARNING closes are not kept
     server = await cloud_server(max_tokens=512, protocol_options={"limits": Limits(max_frame_bytes=256 * 1024)})
-    report = await fuzz_campaign(server.url, client_keys, server_keys.public, frames=1200, vocab=VOCAB, model=MODEL,
+    report = await fuzz_campaign(server.url, client_keys, server_keys.public, frames=600, vocab=VOCAB, model=MODEL,
                                  seed=11, workers=4)
-    assert report.frames >= 1200 and report.hostile >= 300
+    # 600 frames keep the suite in budget; `tether bench soak` runs the long ones.
+    assert report.frames >= 600 and report.hostile >= 150
     assert report.unclean == 0, report.as_dict()
     assert "INTERNAL" not in report.replies, report.replies
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]

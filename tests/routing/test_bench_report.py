@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -20,6 +21,13 @@ def fake_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setattr(bench, "ROUTERS_DIR", tmp_path / "routers")
     monkeypatch.setattr(bench, "TOKEN_RUNS", cache / "token-runs-humaneval.jsonl")
     monkeypatch.setattr(rd, "pairs_path", lambda: cache / "pairs.npz")
+    # The report path is what is tested, not the model search: two learned routers (one per
+    # feature family the assertions name), two weight decays, a smaller bootstrap.
+    learned = bench.query_learned()
+    monkeypatch.setattr(bench, "query_learned",
+                        lambda: {k: learned[k] for k in ("minilm-logistic", "edge-hidden-logistic")})
+    monkeypatch.setattr(bench, "WEIGHT_DECAYS", (0.1, 10.0))
+    monkeypatch.setattr(bench, "bootstrap_apgr", functools.partial(bench.bootstrap_apgr, n=200))
     rng = np.random.default_rng(0)
     for split in ("train", "humaneval"):
         probes, emb = {}, {}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from benchmarks.lab.codeeval import humaneval_subset, load_humaneval, training_tasks
+from benchmarks.lab.codeeval import CodeProblem, humaneval_subset, load_humaneval, training_tasks
 from benchmarks.lab.sandbox import run_python
 from benchmarks.lab.codeeval import reference_completion, truncate_completion
 
@@ -19,11 +19,26 @@ def test_every_task_bank_test_passes_its_reference_and_fails_a_stub() -> None:
         assert not t.check("    pass\n").passed
 
 
-def test_no_task_bank_prompt_is_a_humaneval_prompt() -> None:
+def test_no_task_bank_task_is_a_humaneval_twin() -> None:
+    """Evaluation hygiene: no training task restates a held-out problem (name or tests), and
+    the check does catch the twins that were dropped from the bank, by name and by tests."""
+    from benchmarks.lab.codeeval import humaneval_twins
+    from benchmarks.lab.task_bank import HUMANEVAL_TWINS
+
     he = load_humaneval()
     assert len(he) == 164
-    names = {p.entry_point for p in he}
-    assert not names & {t.entry_point for t in training_tasks()}
+    assert humaneval_twins(training_tasks(), he) == []
+    dropped = [CodeProblem(task_id=f"tether/{name}", prompt=f'{sig}\n    """{doc}\n    """\n', reference=ref,
+                           entry_point=sig.split("(")[0].removeprefix("def ").strip(),
+                           test="def check(candidate):\n" + "".join(f"    assert {t}\n" for t in tests))
+               for name, sig, doc, tests, ref in HUMANEVAL_TWINS]
+    found = humaneval_twins(dropped, he)
+    assert {t for t, _, _ in found} == {p.task_id for p in dropped}
+    assert {(t, h) for t, h, _ in found} >= {
+        ("tether/to_base", "HumanEval/44"), ("tether/is_palindrome_alnum", "HumanEval/48"),
+        ("tether/count_vowels", "HumanEval/64"), ("tether/primes_below", "HumanEval/96"),
+        ("tether/int_to_roman", "HumanEval/156")}
+    assert {why for _, _, why in found} == {"name", "tests"}
 
 
 def test_humaneval_subset_is_every_fourth_problem() -> None:

@@ -81,7 +81,8 @@ def test_builtin_routers_ship_calibration_scores(router: Router) -> None:
 
     level, name = ("query", router.signal) if isinstance(router, SignalRouter) else ("token", router.kind)
     scores = builtin_scores(level, name)
-    assert scores is not None and scores.size >= 100 and np.all(np.diff(scores) >= 0)
+    # One score per task-bank task (96) for query signals; enough for a 2-point fraction tolerance.
+    assert scores is not None and scores.size >= 90 and np.all(np.diff(scores) >= 0)
     assert scores[0] < scores[-1]  # a real spread, not a constant
     for f in (0.1, 0.3, 0.7):
         assert cloud_fraction(scores, router.threshold_for_fraction(f)) == pytest.approx(f, abs=0.02)
